@@ -1,0 +1,28 @@
+"""gradsparse: sparse-gradient communication for data-parallel PyTorch training.
+
+>>> import gradsparse as gs
+>>> state = gs.register_sparse_hook(ddp, compressor="topk", density=0.01)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gradsparse import compressors
+from gradsparse.error_feedback import ErrorFeedback
+from gradsparse.hooks import SparseHookState, register_sparse_hook, sparse_allreduce_hook
+from gradsparse.payload import SparsePayload
+
+__all__ = [
+    "ErrorFeedback",
+    "SparseHookState",
+    "SparsePayload",
+    "__version__",
+    "compressors",
+    "register_sparse_hook",
+    "sparse_allreduce_hook",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,97 @@
+"""The compressor interface.
+
+A compressor is a small immutable object holding only its hyperparameters. It turns a
+flat 1-D tensor into a :class:`~gradsparse.payload.SparsePayload` and back. Anything a
+compressor wants to remember between steps (a reused threshold, a variance estimate)
+lives in a :class:`CompressorState` that the caller owns, saves and restores; the
+compressor itself never keeps state and knows nothing about communication.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import ClassVar, Dict, Optional, Tuple
+
+import torch
+
+from gradsparse.payload import SparsePayload, index_dtype_for
+
+__all__ = ["Compressor", "CompressorState", "k_for_density", "make_payload"]
+
+
+@dataclass
+class CompressorState:
+    """What one selection key (a parameter, or a bucket's set of parameters) keeps.
+
+    ``buffers`` hold per-coordinate float tensors named in the compressor's
+    ``state_buffers``; the hook keeps them keyed by parameter name so they survive DDP's
+    bucket rebuild. ``scalars`` are small numbers such as a reused threshold. ``scratch``
+    holds preallocated work buffers that are never saved.
+    """
+
+    key: str = ""
+    step: int = 0
+    seed: int = 0
+    buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
+    scalars: Dict[str, float] = field(default_factory=dict)
+    scratch: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def work(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A reusable scratch buffer shaped like ``like`` (reallocated only on change)."""
+        dtype = dtype or like.dtype
+        buf = self.scratch.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
+            buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+            self.scratch[name] = buf
+        return buf
+
+
+def k_for_density(density: float, numel: int) -> int:
+    """k = max(1, ceil(density * numel)), computed in decimal so that 0.01 * 100 is 1."""
+    if numel <= 0:
+        return 0
+    return max(1, min(numel, math.ceil(Decimal(repr(float(density))) * numel)))
+
+
+def make_payload(tensor: torch.Tensor, indices: torch.Tensor) -> SparsePayload:
+    """A payload of ``tensor``'s values at ``indices`` (sorted ascending here)."""
+    numel = tensor.numel()
+    if indices.numel() > 1:
+        indices = torch.sort(indices).values
+    values = tensor[indices.long()]
+    return SparsePayload(indices.to(index_dtype_for(numel)), values, numel)
+
+
+@dataclass(frozen=True)
+class Compressor(ABC):
+    """Select and encode part of a flat tensor. Subclasses are frozen dataclasses whose
+    ``__post_init__`` validates every parameter."""
+
+    name: ClassVar[str] = ""
+    #: names of per-coordinate buffers this compressor keeps in ``CompressorState.buffers``
+    state_buffers: ClassVar[Tuple[str, ...]] = ()
+    #: True when the compressor's budget is ``density`` (so warm-up can scale it)
+    density_based: ClassVar[bool] = False
+
+    def observe(self, grad: torch.Tensor, state: CompressorState) -> None:
+        """See the fresh (uncompensated) gradient before compression. Default: nothing."""
+        del grad, state
+
+    @abstractmethod
+    def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
+        """Select entries of the flat ``tensor``; the payload's values are copies."""
+
+    def decompress(self, payload: SparsePayload, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scatter the payload into a zero tensor (or add it into ``out``)."""
+        return payload.to_dense(out)
+
+    @staticmethod
+    def _check_input(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"Expected argument `tensor` to be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"Expected argument `tensor` to be floating point, got {tensor.dtype}")
+        return tensor.reshape(-1)

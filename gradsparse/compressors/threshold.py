@@ -1,0 +1,40 @@
+"""Threshold selection: every entry with ``|g| >= threshold``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from gradsparse._validate import check_density, check_nonnegative
+from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
+from gradsparse.compressors.selection import _top_of_candidates, indices_at_least, magnitudes
+from gradsparse.payload import SparsePayload
+
+__all__ = ["Threshold"]
+
+
+@dataclass(frozen=True)
+class Threshold(Compressor):
+    """All entries with ``|g| >= threshold`` (Strom, Interspeech 2015). The count varies by
+    step and rank. ``max_density`` caps it: past the cap, the largest
+    ``ceil(max_density * numel)`` of those entries are sent instead."""
+
+    threshold: float = 1e-3
+    max_density: Optional[float] = None
+    name = "threshold"
+
+    def __post_init__(self) -> None:
+        check_nonnegative("threshold", self.threshold)
+        check_density("max_density", self.max_density, allow_none=True)
+
+    def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
+        flat = self._check_input(tensor)
+        mag = magnitudes(flat, state)
+        indices = indices_at_least(mag, float(self.threshold), state)
+        if self.max_density is not None:
+            cap = k_for_density(self.max_density, flat.numel())
+            if indices.numel() > cap:
+                indices = _top_of_candidates(mag, indices, cap)
+        return make_payload(flat, indices)

@@ -1,0 +1,136 @@
+"""Top-k selection: exact, and the sampled fast path of Deep Gradient Compression."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from gradsparse._validate import check_density, check_int, check_probability
+from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
+from gradsparse.compressors.selection import (
+    _sample,
+    _top_of_candidates,
+    count_at_least,
+    indices_at_least,
+    magnitudes,
+    topk_indices,
+)
+from gradsparse.payload import SparsePayload
+
+__all__ = ["TopK", "SampledTopK"]
+
+
+@dataclass(frozen=True)
+class TopK(Compressor):
+    """Exactly ``k = max(1, ceil(density * numel))`` entries of largest magnitude; ties go
+    to the lower index, so the choice is deterministic."""
+
+    density: float = 0.01
+    name = "topk"
+    density_based = True
+
+    def __post_init__(self) -> None:
+        check_density("density", self.density)
+
+    def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
+        flat = self._check_input(tensor)
+        k = k_for_density(self.density, flat.numel())
+        return make_payload(flat, topk_indices(magnitudes(flat, state), k, state))
+
+
+@dataclass(frozen=True)
+class SampledTopK(Compressor):
+    """About k entries of largest magnitude, from a threshold estimated on a sample (Lin
+    et al., "Deep Gradient Compression", ICLR 2018).
+
+    The threshold starts from the previous step's value when there is one (as Ok-Topk
+    reuses thresholds), else from a fixed random sample. While the count falls outside
+    ``[(1 - tolerance) k, (1 + tolerance) k]`` it is refined from the sample's ranks,
+    bracketed so that it converges; after ``max_refinements`` the exact top-k of the
+    candidates is taken instead. The count is therefore always within tolerance.
+    """
+
+    density: float = 0.01
+    tolerance: float = 0.1
+    max_refinements: int = 6
+    reuse_threshold: bool = True
+    name = "sampled_topk"
+    density_based = True
+
+    def __post_init__(self) -> None:
+        check_density("density", self.density)
+        check_probability("tolerance", self.tolerance)
+        check_int("max_refinements", self.max_refinements)
+
+    def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
+        flat = self._check_input(tensor)
+        n = flat.numel()
+        k = k_for_density(self.density, n)
+        if k >= n or n == 0:
+            return make_payload(flat, torch.arange(n, device=flat.device))
+        mag = magnitudes(flat, state)
+        low = max(1, math.ceil((1.0 - self.tolerance) * k))
+        high = max(low, math.floor((1.0 + self.tolerance) * k))
+        indices = self._select(mag, k, low, high, state)
+        return make_payload(flat, indices)
+
+    def _select(
+        self, mag: torch.Tensor, k: int, low: int, high: int, state: Optional[CompressorState]
+    ) -> torch.Tensor:
+        previous = state.scalars.get("threshold") if (state is not None and self.reuse_threshold) else None
+        sample: Optional[torch.Tensor] = None
+        too_many, too_few = 0.0, math.inf  # thresholds known to keep > high and < low entries
+        if previous is not None and previous > 0:
+            threshold = float(previous)
+        else:
+            sample = _sample(mag, k, state)
+            threshold = self._propose(sample, mag.numel(), k)
+        for _ in range(self.max_refinements + 1):
+            count = count_at_least(mag, threshold, state)
+            if low <= count <= high:
+                if state is not None:
+                    state.scalars["threshold"] = threshold
+                return indices_at_least(mag, threshold, state)
+            if count > high:
+                too_many = max(too_many, threshold)
+            else:
+                too_few = min(too_few, threshold)
+            if sample is None:
+                sample = _sample(mag, k, state)
+            guess = self._rescale(sample, mag.numel(), k, threshold, count)
+            threshold = self._bracket(guess, too_many, too_few)
+        # Not converged (heavy ties or a pathological distribution): take the exact top-k.
+        if too_many > 0.0:
+            candidates = indices_at_least(mag, too_many, state)
+            indices = _top_of_candidates(mag, candidates, k)
+        else:
+            indices = topk_indices(mag, k, state)
+        if state is not None:
+            state.scalars["threshold"] = float(mag[indices].min())
+        return indices
+
+    @staticmethod
+    def _propose(sample: torch.Tensor, n: int, k: int) -> float:
+        rank = min(max(math.ceil(k * sample.numel() / n), 1), sample.numel())
+        return float(sample[rank - 1])
+
+    @staticmethod
+    def _rescale(sample: torch.Tensor, n: int, k: int, threshold: float, count: int) -> float:
+        """The sample rank that would give k if the sample is off by the same factor it
+        was off at ``threshold``."""
+        in_sample = int(torch.count_nonzero(sample >= threshold))
+        if in_sample == 0 or count == 0:
+            return threshold * (0.5 if count == 0 else 2.0)
+        rank = min(max(round(in_sample * k / count), 1), sample.numel())
+        return float(sample[rank - 1])
+
+    @staticmethod
+    def _bracket(guess: float, too_many: float, too_few: float) -> float:
+        if too_many < guess < too_few:
+            return guess
+        if math.isinf(too_few):
+            return max(too_many * 2.0, too_many + 1e-30)
+        return 0.5 * (too_many + too_few)
