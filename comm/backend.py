@@ -1,9 +1,13 @@
 """Communication backends: the few primitives the sparse collectives need, with byte
 accounting.
 
+Backends move bytes; they never reduce. Every sum is computed by the collectives in a
+fixed rank order, so results are bit-identical on every rank and on every backend
+(gloo's and OpenMPI's own reductions add in different orders).
+
 Every primitive records what this rank sent and received and how many messages it took,
-using the algorithm the transport runs (ring allgather, pairwise all-to-all, ring
-allreduce), so ``CommStats`` matches the analytic formulas.
+for the algorithm the transport runs (ring allgather, pairwise all-to-all,
+point-to-point), so ``CommStats`` matches the analytic formulas.
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ class CommStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _resolve(work: Any, value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    """The future of ``work`` that yields ``value``, and re-raises the work's error (a
+    timeout, a closed connection) instead of handing back an unfilled buffer."""
+
+    def _check(fut: torch.futures.Future[Any]) -> torch.Tensor:
+        fut.value()  # raises if the collective failed
+        return value
+
+    return work.get_future().then(_check)
+
+
 def completed_future(value: Any) -> torch.futures.Future[Any]:
     fut: torch.futures.Future[Any] = torch.futures.Future()
     fut.set_result(value)
@@ -64,19 +79,19 @@ class Backend(ABC):
     def _alltoall(
         self, tensor: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
     ) -> torch.futures.Future[torch.Tensor]:
-        """Send ``tensor[send offsets]`` to each rank; receive in rank order."""
+        """Send consecutive slices of ``tensor`` to each rank; receive in rank order."""
 
     @abstractmethod
-    def _allreduce_sum(self, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-        """In-place sum across ranks."""
+    def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
+        """Blocking exchange with ``peer``: send ``send`` (skipped when empty) and receive
+        ``recv_numel`` elements of the same dtype (skipped when 0)."""
 
     # Accounted primitives used by the collectives -------------------------------------
 
     def allgather_control(self, tensor: torch.Tensor) -> torch.Tensor:
         """Blocking allgather of a small fixed-size header; returns shape (P, len)."""
-        out = self._allgather_fixed(tensor).wait()
-        nbytes = tensor.numel() * tensor.element_size()
-        self.stats.control_bytes += (self.size - 1) * nbytes
+        out = self._allgather_fixed(tensor).wait() if self.size > 1 else tensor.clone()
+        self.stats.control_bytes += (self.size - 1) * tensor.numel() * tensor.element_size()
         self.stats.messages += self.size - 1
         return out.view(self.size, -1)
 
@@ -89,16 +104,15 @@ class Backend(ABC):
         size = tensor.element_size()
         self.stats.bytes_sent += (p - 1) * counts[me] * size
         self.stats.bytes_received += (sum(counts) - counts[me]) * size
-        self.stats.messages += p - 1
-        if p == 1:
+        self.stats.messages += (p - 1) * int(counts[me] > 0)
+        if p == 1 or sum(counts) == 0:
             return completed_future(tensor.clone())
         if all(c == counts[0] for c in counts):
             return self._allgather_fixed(tensor)
         # Unequal lengths: gloo's allgather needs equal sizes, and padding would send
         # bytes that carry nothing. An all-to-all with per-peer counts sends exactly the
         # payload, once to every peer.
-        send = tensor.repeat(p)
-        return self._alltoall(send, [counts[me]] * p, list(counts))
+        return self._alltoall(tensor.repeat(p), [counts[me]] * p, list(counts))
 
     def alltoallv(
         self, tensor: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
@@ -111,17 +125,19 @@ class Backend(ABC):
             return completed_future(tensor.clone())
         return self._alltoall(tensor, send_counts, recv_counts)
 
-    def allreduce_sum(self, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-        """Ring allreduce: 2(P-1)/P of the tensor's bytes each way, 2(P-1) messages."""
-        p = self.size
-        nbytes = tensor.numel() * tensor.element_size()
-        moved = 2 * (p - 1) * nbytes // p
-        self.stats.bytes_sent += moved
-        self.stats.bytes_received += moved
-        self.stats.messages += 2 * (p - 1)
-        if p == 1:
-            return completed_future(tensor)
-        return self._allreduce_sum(tensor)
+    def sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
+        """Point-to-point exchange with one peer (either direction may be empty)."""
+        size = send.element_size()
+        self.stats.bytes_sent += send.numel() * size
+        self.stats.bytes_received += recv_numel * size
+        self.stats.messages += int(send.numel() > 0)
+        return self._sendrecv(send.contiguous(), peer, recv_numel)
+
+    def sendrecv_control(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
+        """:meth:`sendrecv` for small headers, counted in ``control_bytes``."""
+        self.stats.control_bytes += send.numel() * send.element_size()
+        self.stats.messages += int(send.numel() > 0)
+        return self._sendrecv(send.contiguous(), peer, recv_numel)
 
 
 # torch >= 2.12 renames all_gather_into_tensor to all_gather_single
@@ -137,7 +153,7 @@ class TorchDistBackend(Backend):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "TorchDistBackend needs torch.distributed to be initialised; call "
-                "torch.distributed.init_process_group() (or gradsparse.launch.init_distributed()) first"
+                "torch.distributed.init_process_group() first"
             )
         self.group = process_group
         self._rank = dist.get_rank(process_group)
@@ -154,8 +170,7 @@ class TorchDistBackend(Backend):
     def _allgather_fixed(self, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
         out = torch.empty(self.size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         work = _all_gather_single(out, tensor.contiguous(), group=self.group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda _f: out)
+        return _resolve(work, out)
 
     def _alltoall(
         self, tensor: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
@@ -164,10 +179,17 @@ class TorchDistBackend(Backend):
         work = dist.all_to_all_single(
             out, tensor.contiguous(), list(recv_counts), list(send_counts), group=self.group, async_op=True
         )
-        assert work is not None
-        return work.get_future().then(lambda _f: out)
+        return _resolve(work, out)
 
-    def _allreduce_sum(self, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-        work = dist.all_reduce(tensor, group=self.group, async_op=True)
-        assert work is not None
-        return work.get_future().then(lambda _f: tensor)
+    def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
+        recv = torch.empty(recv_numel, dtype=send.dtype, device=send.device)
+        global_peer = peer if self.group is None else dist.get_global_rank(self.group, peer)
+        ops = []
+        if send.numel():
+            ops.append(dist.P2POp(dist.isend, send, global_peer, self.group))
+        if recv_numel:
+            ops.append(dist.P2POp(dist.irecv, recv, global_peer, self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return recv

@@ -161,6 +161,14 @@ class ErrorFeedback:
         for name, _ in layout:
             self.scales[name] = scale
 
+    def clear(self, layout: Layout, like: torch.Tensor, scale: float = 1.0) -> None:
+        """Everything was sent (the bucket went dense): nothing is kept back."""
+        self.residuals.flat(layout, like).zero_()
+        if self.momentum:
+            self.velocity.flat(layout, like).zero_()
+        for name, _ in layout:
+            self.scales[name] = scale
+
     def state_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"residuals": self.residuals.state_dict(), "scales": dict(self.scales)}
         if self.momentum:

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
@@ -36,9 +36,11 @@ from gradsparse.comm import (
     PeerError,
     Reduced,
     TorchDistBackend,
+    allreduce_dense,
 )
 from gradsparse.comm import build as build_collective
-from gradsparse.compressors import Compressor, CompressorState
+from gradsparse.comm.wire import exchange_headers
+from gradsparse.compressors import Compressor, CompressorState, k_for_density
 from gradsparse.error_feedback import ErrorFeedback, Layout, ParamStore
 from gradsparse.payload import SparsePayload, index_dtype_for
 
@@ -60,6 +62,8 @@ class _BucketPlan:
     small: List[Tuple[int, int]]  # (offset, numel) of parameters sent dense
     key: str
     workspace: Optional[torch.Tensor] = None
+    context: Dict[str, Any] = field(default_factory=dict)  # the collective's, per bucket
+    small_context: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -351,6 +355,20 @@ class SparseHookState:
             self._warmup_cache[density] = dataclasses.replace(self.compressor, density=density)  # type: ignore[call-arg]
         return self._warmup_cache[density]
 
+    def _prefers_dense(self, plan: _BucketPlan, numel: int, like: torch.Tensor) -> bool:
+        """Ask the collective whether this bucket should skip selection and go dense.
+        Only shared numbers go in (never this rank's own count), so every rank agrees."""
+        compressor = self._current_compressor()
+        if compressor.density_based:
+            expected: Optional[float] = k_for_density(compressor.density, numel)  # type: ignore[attr-defined]
+        else:
+            expected = plan.context.get("mean_count")
+        if expected is None:
+            return False
+        return self.collective.prefers_dense(
+            self.backend, numel, int(expected), like.element_size(), compressor.selection_passes
+        )
+
     def _grad_scale(self) -> float:
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
             return 1.0
@@ -422,6 +440,37 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=acc)))
 
 
+def _empty_payload(numel: int, like: torch.Tensor) -> SparsePayload:
+    return SparsePayload(
+        torch.empty(0, dtype=index_dtype_for(numel), device=like.device),
+        torch.empty(0, dtype=like.dtype, device=like.device),
+        numel,
+    )
+
+
+def _gather_region(buffer: torch.Tensor, plan: _BucketPlan) -> torch.Tensor:
+    """The compressed parameters of the bucket, in canonical order: a view of the bucket
+    when they lie there contiguously, else a copy into the plan's workspace."""
+    if plan.region_start is not None:
+        return buffer[plan.region_start : plan.region_start + plan.numel]
+    if plan.workspace is None or plan.workspace.dtype != buffer.dtype:
+        plan.workspace = torch.empty(plan.numel, dtype=buffer.dtype, device=buffer.device)
+    pos = 0
+    for (_, n), off in zip(plan.layout, plan.offsets):
+        plan.workspace[pos : pos + n].copy_(buffer[off : off + n])
+        pos += n
+    return plan.workspace
+
+
+def _scatter_region(buffer: torch.Tensor, plan: _BucketPlan, region: torch.Tensor) -> None:
+    if plan.region_start is not None:
+        return
+    pos = 0
+    for (_, n), off in zip(plan.layout, plan.offsets):
+        buffer[off : off + n].copy_(region[pos : pos + n])
+        pos += n
+
+
 def sparse_allreduce_hook(
     state: SparseHookState, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
@@ -434,35 +483,23 @@ def sparse_allreduce_hook(
     world = backend.size
     before = backend.stats.as_dict()
     start = time.perf_counter()
+    plan = state._plan(bucket)
 
     if state.step < state.start_step:
-        fut = backend.allreduce_sum(buffer)
+        fut = allreduce_dense(buffer, backend, plan.context)
         state._account(before, buffer.numel(), buffer.element_size())
         state._finish_step(bucket)
         return fut.then(lambda f: f.value().div_(world))
 
-    plan = state._plan(bucket)
-    if plan.region_start is not None:
-        region = buffer[plan.region_start : plan.region_start + plan.numel]
-    else:
-        if plan.workspace is None or plan.workspace.dtype != buffer.dtype:
-            plan.workspace = torch.empty(plan.numel, dtype=buffer.dtype, device=buffer.device)
-        region = plan.workspace
-        pos = 0
-        for (_, n), off in zip(plan.layout, plan.offsets):
-            region[pos : pos + n].copy_(buffer[off : off + n])
-            pos += n
-
+    region = _gather_region(buffer, plan)
+    numel = region.numel()
+    # The same decision on every rank: it depends only on shared numbers.
+    go_dense = numel > 0 and state._prefers_dense(plan, numel, buffer)
     flags = 0
     failure: Optional[BaseException] = None
     new_velocity: Optional[torch.Tensor] = None
     scale = 1.0
-    numel = region.numel()
-    payload = SparsePayload(
-        torch.empty(0, dtype=index_dtype_for(numel), device=buffer.device),
-        torch.empty(0, dtype=buffer.dtype, device=buffer.device),
-        numel,
-    )
+    payload = _empty_payload(numel, buffer)
     try:
         if not _is_finite(buffer):
             flags |= FLAG_NONFINITE
@@ -471,9 +508,8 @@ def sparse_allreduce_hook(
             scale = state._grad_scale()
             if state.error_feedback_enabled:
                 new_velocity = state.error_feedback.compensate(plan.layout, region, scale)
-            payload = state._compress(region, plan)
-            state._stats.selected += payload.count
-            state._stats.compressible += numel
+            if not go_dense:
+                payload = state._compress(region, plan)
     except Exception as exc:  # tell the peers before raising, so that nobody hangs
         flags |= FLAG_ERROR
         failure = exc
@@ -481,36 +517,50 @@ def sparse_allreduce_hook(
     state._stats.compress_s += compressed - start
 
     try:
-        sparse_fut = state.collective.reduce(payload, backend, flags=flags)
+        if go_dense:
+            exchange_headers(backend, payload, flags)  # errors and mismatches, on every rank
+            region_fut: torch.futures.Future[Any] = allreduce_dense(region, backend, plan.context)
+        else:
+            region_fut = state.collective.reduce(payload, backend, flags=flags, context=plan.context)
     except PeerError:
         if failure is not None:  # this rank is the one that failed: raise its own error
             raise failure from None
         raise
     small = torch.cat([buffer[o : o + n] for o, n in plan.small]) if plan.small else None
-    dense_fut = backend.allreduce_sum(small) if small is not None else None
+    small_fut = allreduce_dense(small, backend, plan.small_context) if small is not None else None
     state._account(before, buffer.numel(), buffer.element_size())
     state._finish_step(bucket)
-    futures = [sparse_fut] + ([dense_fut] if dense_fut is not None else [])
+    futures = [region_fut] + ([small_fut] if small_fut is not None else [])
 
     def _decompress(_: Any) -> torch.Tensor:
+        for fut in futures:
+            fut.value()  # re-raise a failed collective (timeout, lost peer) here
         communicated = time.perf_counter()
         state._stats.communicate_s += communicated - compressed
-        reduced: Reduced = sparse_fut.value()
-        state._stats.nonfinite_buckets += int(reduced.nonfinite)
-        # Commit error feedback only now: if any rank overflowed, AMP skips this step
-        # everywhere, so nothing was sent and the residual must stay as it was.
-        if state.error_feedback_enabled and numel and not reduced.nonfinite:
-            state.error_feedback.update(plan.layout, region, payload, scale, new_velocity)
-        out = region if plan.region_start is not None else plan.workspace
-        assert out is not None
-        reduced.write(out).div_(world)
-        if plan.region_start is None:
-            pos = 0
-            for (_, n), off in zip(plan.layout, plan.offsets):
-                buffer[off : off + n].copy_(out[pos : pos + n])
-                pos += n
-        if dense_fut is not None:
-            summed = dense_fut.value()
+        if go_dense:
+            finite = _is_finite(region)  # the same bits, so the same verdict, on every rank
+            if finite and state.error_feedback_enabled:
+                state.error_feedback.clear(plan.layout, region, scale)
+            state._stats.selected += numel
+        else:
+            reduced: Reduced = region_fut.value()
+            finite = not reduced.nonfinite
+            # Commit error feedback only now: if any rank overflowed, AMP skips this step
+            # everywhere, so nothing was sent and the residual must stay as it was. A lossy
+            # collective reports which entries made it; the rest stay in the residual.
+            applied = payload
+            if reduced.kept is not None and numel:
+                applied = SparsePayload(payload.indices[reduced.kept], payload.values[reduced.kept], numel)
+            if finite and state.error_feedback_enabled and numel:
+                state.error_feedback.update(plan.layout, region, applied, scale, new_velocity)
+            state._stats.selected += applied.count
+            reduced.write(region)
+        state._stats.compressible += numel
+        state._stats.nonfinite_buckets += int(not finite)
+        region.div_(world)
+        _scatter_region(buffer, plan, region)
+        if small_fut is not None:
+            summed = small_fut.value()
             pos = 0
             for off, n in plan.small:
                 buffer[off : off + n].copy_(summed[pos : pos + n]).div_(world)

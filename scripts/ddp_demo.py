@@ -3,11 +3,13 @@
 Trains the same MLP on the same data three times: dense allreduce, top-k 1% and top-k
 0.1% with error feedback, and prints loss, accuracy and bytes each rank sent.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,9 @@ from torch import nn
 import gradsparse as gs
 
 
-def make_data(rank: int, world: int, n: int = 4096, dim: int = 64, classes: int = 10):
+def make_data(
+    rank: int, world: int, n: int = 4096, dim: int = 64, classes: int = 10
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     teacher = torch.randn(dim, classes, generator=gen)
     x = torch.randn(n, dim, generator=gen)
@@ -49,8 +53,14 @@ def run(config: str, args: argparse.Namespace) -> dict:
     steps = args.epochs * -(-len(x) // args.batch_size)
     dense_bytes = 2 * (world - 1) * 4 * n_params // world * steps
     sent = state.stats()["bytes_sent"] if state else dense_bytes
-    return {"config": config, "loss": loss.item(), "accuracy": accuracy, "sent": sent,
-            "dense": dense_bytes, "seconds": elapsed}
+    return {
+        "config": config,
+        "loss": loss.item(),
+        "accuracy": accuracy,
+        "sent": sent,
+        "dense": dense_bytes,
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:
@@ -63,10 +73,19 @@ def main() -> None:
     rows = [run(c, args) for c in args.configs.split(",")]
     if dist.get_rank() == 0:
         print(f"\n{dist.get_world_size()} ranks, {args.epochs} epochs; bytes are what each rank sent")
-        print(f"{'config':<14}{'loss':>8}{'test acc':>10}{'sent MB':>10}{'dense MB':>10}{'ratio':>9}{'time s':>8}")
+        header = ("config", "loss", "test acc", "sent MB", "dense MB", "ratio", "time s")
+        print(f"{header[0]:<14}" + "".join(f"{h:>10}" for h in header[1:]))
         for r in rows:
-            print(f"{r['config']:<14}{r['loss']:>8.3f}{r['accuracy']:>10.3f}{r['sent'] / 1e6:>10.2f}"
-                  f"{r['dense'] / 1e6:>10.2f}{r['dense'] / max(r['sent'], 1):>8.1f}x{r['seconds']:>8.1f}")
+            ratio = f"{r['dense'] / max(r['sent'], 1):.1f}x"
+            cells = (
+                f"{r['loss']:.3f}",
+                f"{r['accuracy']:.3f}",
+                f"{r['sent'] / 1e6:.2f}",
+                f"{r['dense'] / 1e6:.2f}",
+                ratio,
+                f"{r['seconds']:.1f}",
+            )
+            print(f"{r['config']:<14}" + "".join(f"{c:>10}" for c in cells))
     dist.destroy_process_group()
 
 

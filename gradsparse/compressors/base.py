@@ -75,6 +75,8 @@ class Compressor(ABC):
     state_buffers: ClassVar[Tuple[str, ...]] = ()
     #: True when the compressor's budget is ``density`` (so warm-up can scale it)
     density_based: ClassVar[bool] = False
+    #: about how many read+write passes over the tensor selection costs (for ``auto``)
+    selection_passes: ClassVar[float] = 4.0
 
     def observe(self, grad: torch.Tensor, state: CompressorState) -> None:
         """See the fresh (uncompensated) gradient before compression. Default: nothing."""

@@ -18,6 +18,7 @@ class NoCompression(Compressor):
     """Sends every entry. Use it to compare against sparse runs through the same hook."""
 
     name = "none"
+    selection_passes = 1.0
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)

@@ -39,6 +39,7 @@ class RandomK(Compressor):
     density: float = 0.01
     seed: int = 0
     name = "randomk"
+    selection_passes = 0.5
     density_based = True
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ class Threshold(Compressor):
     threshold: float = 1e-3
     max_density: Optional[float] = None
     name = "threshold"
+    selection_passes = 3.0
 
     def __post_init__(self) -> None:
         check_nonnegative("threshold", self.threshold)

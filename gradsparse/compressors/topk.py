@@ -30,6 +30,7 @@ class TopK(Compressor):
 
     density: float = 0.01
     name = "topk"
+    selection_passes = 6.0
     density_based = True
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ class VarianceBased(Compressor):
     decay: float = 0.999
     max_density: Optional[float] = None
     name = "variance"
+    selection_passes = 8.0
     state_buffers = ("mean", "var", "acc_var")
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
 import tempfile
@@ -15,7 +16,9 @@ import torch.multiprocessing as mp
 __all__ = ["run_distributed", "flat_params", "gather_all"]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float
+) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group(
@@ -23,6 +26,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         init_method=f"file://{workdir}/rendezvous",
         rank=rank,
         world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
     )
     try:
         result: Any = ("ok", fn(rank, world_size, *args))
@@ -30,20 +34,44 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, arg
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     with open(os.path.join(workdir, f"result{rank}.pkl"), "wb") as fh:
         pickle.dump(result, fh)
-    dist.destroy_process_group()
+    # The result is safe on disk. Skip interpreter teardown: a DDP model that still holds
+    # a Python comm hook's futures when the interpreter finalises can abort the process
+    # ("terminate called without an active exception"); see README, "Shutting down".
+    os._exit(0)
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and return
-    each rank's result; re-raise the first rank's error with its traceback."""
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, allow_dead: bool = False
+) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks (process
+    group timeout ``timeout`` seconds) and return each rank's result; re-raise the first
+    rank's error with its traceback. With ``allow_dead``, return ``(status, value)`` per
+    rank, where a rank that died without a result gives ``("dead", None)``."""
     with tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(
-            _entry, args=(fn, world_size, workdir, args), nprocs=world_size, start_method="spawn"
+        context = mp.start_processes(
+            _entry,
+            args=(fn, world_size, workdir, args, timeout),
+            nprocs=world_size,
+            start_method="spawn",
+            join=False,
         )
+        for process in context.processes:
+            process.join(timeout + 120)
+            if process.is_alive():
+                process.kill()
         results = []
         for rank in range(world_size):
-            with open(os.path.join(workdir, f"result{rank}.pkl"), "rb") as fh:
-                results.append(pickle.load(fh))
+            path = os.path.join(workdir, f"result{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as fh:
+                    results.append(pickle.load(fh))
+            elif allow_dead:
+                results.append(("dead", None))
+            else:
+                code = context.processes[rank].exitcode
+                raise AssertionError(f"rank {rank} died without a result (exit code {code})")
+    if allow_dead:
+        return results
     errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(results) if status == "error"]
     if errors:
         raise AssertionError("\n".join(errors))
