@@ -150,9 +150,7 @@ class AutoCollective(Collective):
             if value is not None:
                 check_nonnegative(arg, value, positive=arg != "latency_s")
         if given and len(given) != 3:
-            raise ValueError(
-                "give all of `latency_s`, `bandwidth_Bps` and `memory_Bps`, or none (to measure them)"
-            )
+            raise ValueError("give all of `latency_s`, `bandwidth_Bps` and `memory_Bps`, or none (to measure them)")
         for name in candidates:
             if name not in _CANDIDATES:
                 raise ValueError(f"Expected `candidates` among {list(_CANDIDATES)}, but got {name!r}.")
@@ -172,9 +170,7 @@ class AutoCollective(Collective):
             self.model = measure_link(backend)
         return self.model
 
-    def prefers_dense(
-        self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float
-    ) -> bool:
+    def prefers_dense(self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float) -> bool:
         model = self.link(backend)
         counts = [expected_count] * backend.size
         dense = predict(model, "dense", counts, numel, itemsize)
@@ -183,9 +179,7 @@ class AutoCollective(Collective):
         )
         return dense <= sparse
 
-    def _exchange(
-        self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]
-    ) -> Headers:
+    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
         self.link(backend)
         kind = choose_encoding(payload.count, payload.numel, payload.values.dtype, payload.indices.dtype)
         extra = _range_counts(payload, _bounds(payload.numel, backend.size))

@@ -107,9 +107,7 @@ class Collective(ABC):
             return completed_future(Reduced(headers.numel, nonfinite=True))
         return self._reduce(payload, backend, headers, context)
 
-    def _exchange(
-        self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]
-    ) -> Headers:
+    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
         del context
         return exchange_headers(backend, payload, flags)
 
@@ -118,9 +116,7 @@ class Collective(ABC):
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]: ...
 
-    def prefers_dense(
-        self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float
-    ) -> bool:
+    def prefers_dense(self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float) -> bool:
         """Whether sending the whole tensor dense beats ``passes`` memory passes of
         selection plus sending about ``expected_count`` entries sparse. Only ``auto`` ever
         says yes. Every rank must call it together, with the same arguments."""
@@ -158,9 +154,7 @@ def _encode_ranges(
     for r, count in enumerate(counts):
         lo, span = bounds[r], bounds[r + 1] - bounds[r]
         kind = choose_encoding(count, span, vdt, idt)
-        msg = encode(
-            payload.indices[start : start + count], payload.values[start : start + count], lo, span, kind
-        )
+        msg = encode(payload.indices[start : start + count], payload.values[start : start + count], lo, span, kind)
         pieces.append(msg)
         sizes.append(msg.numel())
         start += count
@@ -184,9 +178,7 @@ def _decode_all(
         kind = kinds[r] if kinds is not None else choose_encoding(count, span, value_dtype, index_dtype)
         size = encoded_bytes(kind, count, span, value_dtype, index_dtype)
         try:
-            out.append(
-                decode(buffer[offset : offset + size], kind, count, lo, span, numel, value_dtype, index_dtype)
-            )
+            out.append(decode(buffer[offset : offset + size], kind, count, lo, span, numel, value_dtype, index_dtype))
         except PayloadError as exc:
             raise PayloadError(f"rank(s) [{r}] sent a bad message: {exc}") from None
         offset += size
@@ -195,9 +187,7 @@ def _decode_all(
     return out
 
 
-def _accumulate(
-    messages: Sequence[Message], lo: int, span: int, dtype: torch.dtype, out: torch.Tensor
-) -> torch.Tensor:
+def _accumulate(messages: Sequence[Message], lo: int, span: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
     """Sum messages over one range into ``out`` (zeroed here), in the given order."""
     out.zero_()
     for msg in messages:
@@ -265,9 +255,7 @@ class AllgatherCollective(Collective):
 
     name = "allgather"
 
-    def _exchange(
-        self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]
-    ) -> Headers:
+    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
         del context
         kind = choose_encoding(payload.count, payload.numel, payload.values.dtype, payload.indices.dtype)
         return exchange_headers(backend, payload, flags, kind=kind)

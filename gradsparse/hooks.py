@@ -40,8 +40,9 @@ from gradsparse.comm import (
 )
 from gradsparse.comm import build as build_collective
 from gradsparse.comm.wire import exchange_headers
-from gradsparse.compressors import Compressor, CompressorState, k_for_density
+from gradsparse.compressors import Compressor, CompressorState, NoCompression, k_for_density
 from gradsparse.error_feedback import ErrorFeedback, Layout, ParamStore
+from gradsparse.masking import WeightMasker
 from gradsparse.payload import SparsePayload, index_dtype_for
 
 __all__ = ["SparseHookState", "sparse_allreduce_hook", "register_sparse_hook"]
@@ -62,6 +63,10 @@ class _BucketPlan:
     small: List[Tuple[int, int]]  # (offset, numel) of parameters sent dense
     key: str
     workspace: Optional[torch.Tensor] = None
+    mask_version: int = -1  # weight masks: the masker version these were made from
+    mask_flat: Optional[torch.Tensor] = None
+    active: Optional[torch.Tensor] = None
+    active_layout: Layout = ()
     context: Dict[str, Any] = field(default_factory=dict)  # the collective's, per bucket
     small_context: Dict[str, Any] = field(default_factory=dict)
 
@@ -108,8 +113,10 @@ class SparseHookState:
         scope: ``"bucket"`` selects over the whole bucket, ``"layer"`` per parameter.
         named_parameters: ``model.named_parameters()``, so that state is keyed by name.
             Without it, parameters are named in the order the hook first sees them.
-        grad_scaler: a ``torch.amp.GradScaler``; residuals are then kept unscaled, so a
-            change of loss scale does not distort them.
+        grad_scaler: a ``torch.amp.GradScaler``; residuals then follow loss-scale
+            changes exactly.
+        masker: a :class:`~gradsparse.masking.WeightMasker`: masked coordinates are skipped
+            (selection runs over active ones; ``none`` sends only active values).
         log_every: log a one-line summary every this many steps on rank 0 (0: never).
     """
 
@@ -129,6 +136,7 @@ class SparseHookState:
         scope: str = "bucket",
         named_parameters: Optional[Iterable[Tuple[str, torch.nn.Parameter]]] = None,
         grad_scaler: Optional[Any] = None,
+        masker: Optional[WeightMasker] = None,
         log_every: int = 0,
     ) -> None:
         # Hyperparameters -------------------------------------------------------------
@@ -160,6 +168,14 @@ class SparseHookState:
         self.scope = check_choice("scope", scope, _SCOPES)
         self.log_every = check_int("log_every", log_every)
         self.grad_scaler = grad_scaler
+        if masker is not None and not isinstance(masker, WeightMasker):
+            raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")
+        if masker is not None and compressor.state_buffers:
+            raise ValueError(
+                f"the {compressor.name!r} compressor keeps per-coordinate state, which weight masks "
+                "would reshape; use topk, sampled_topk, threshold, randomk or none with a masker"
+            )
+        self.masker = masker
 
         # Communication (not pickled) ------------------------------------------------
         self.process_group = process_group
@@ -374,14 +390,19 @@ class SparseHookState:
             return 1.0
         return float(self.grad_scaler.get_scale())
 
-    def _compress(self, region: torch.Tensor, plan: _BucketPlan) -> SparsePayload:
+    def _compress(
+        self, region: torch.Tensor, plan: _BucketPlan, active: Optional[torch.Tensor] = None
+    ) -> SparsePayload:
+        """Select over ``region`` (the bucket's compressed parameters, or with masks only
+        their ``active`` coordinates)."""
         compressor = self._current_compressor()
-        if self.scope == "bucket" or len(plan.layout) <= 1:
-            cstate = self._cstate(plan.key, plan.layout, region)
+        layout = plan.layout if active is None else plan.active_layout
+        if self.scope == "bucket" or len(layout) <= 1:
+            cstate = self._cstate(plan.key, layout, region)
             return compressor.compress(region, cstate)
         indices, values = [], []
         offset = 0
-        for name, n in plan.layout:
+        for name, n in layout:
             piece = region[offset : offset + n]
             payload = compressor.compress(piece, self._cstate(name, ((name, n),), piece))
             indices.append(payload.indices.long() + offset)
@@ -389,6 +410,21 @@ class SparseHookState:
             offset += n
         numel = region.numel()
         return SparsePayload(torch.cat(indices).to(index_dtype_for(numel)), torch.cat(values), numel)
+
+    def _active(self, plan: _BucketPlan, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """Indices of the region's unmasked coordinates (None when nothing in it is masked),
+        cached until the masks change."""
+        masker = self.masker
+        assert masker is not None
+        if plan.mask_version != masker.version:
+            names = [n for n, _ in plan.layout]
+            mask = masker.flat_mask(names, [k for _, k in plan.layout], like.device)
+            plan.mask_flat = mask.to(like.dtype)
+            plan.active = None if bool(mask.all()) else torch.nonzero(mask).squeeze(1)
+            counts = [int(masker.masks[n].sum()) if n in masker.masks else k for n, k in plan.layout]
+            plan.active_layout = tuple((n, c) for (n, _), c in zip(plan.layout, counts))
+            plan.mask_version = masker.version
+        return plan.active
 
     def _observe(self, region: torch.Tensor, plan: _BucketPlan) -> None:
         if not self._buffers:
@@ -471,9 +507,7 @@ def _scatter_region(buffer: torch.Tensor, plan: _BucketPlan, region: torch.Tenso
         pos += n
 
 
-def sparse_allreduce_hook(
-    state: SparseHookState, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
+def sparse_allreduce_hook(state: SparseHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: sum sparse payloads across ranks and average.
 
     Register with ``ddp.register_comm_hook(state, sparse_allreduce_hook)``.
@@ -493,13 +527,23 @@ def sparse_allreduce_hook(
 
     region = _gather_region(buffer, plan)
     numel = region.numel()
+    # Weight masks: select and send among active coordinates only (masks are the same on
+    # every rank, so no indices travel), except on RigL regrowth steps, which need the
+    # dense gradient of masked weights: then the whole region goes dense.
+    masker = state.masker
+    regrowth = masker is not None and masker.needs_dense_gradients()
+    active = state._active(plan, buffer) if masker is not None and not regrowth else None
+    work_numel = numel if active is None else active.numel()
     # The same decision on every rank: it depends only on shared numbers.
-    go_dense = numel > 0 and state._prefers_dense(plan, numel, buffer)
+    go_dense = work_numel > 0 and (regrowth or state._prefers_dense(plan, work_numel, buffer))
+    if active is not None and isinstance(state._current_compressor(), NoCompression):
+        go_dense = True  # active values only: no index list, no bitmap
     flags = 0
     failure: Optional[BaseException] = None
     new_velocity: Optional[torch.Tensor] = None
     scale = 1.0
-    payload = _empty_payload(numel, buffer)
+    work = region
+    payload = _empty_payload(work_numel, buffer)
     try:
         if not _is_finite(buffer):
             flags |= FLAG_NONFINITE
@@ -508,8 +552,12 @@ def sparse_allreduce_hook(
             scale = state._grad_scale()
             if state.error_feedback_enabled:
                 new_velocity = state.error_feedback.compensate(plan.layout, region, scale)
+            if active is not None:
+                assert plan.mask_flat is not None
+                region.mul_(plan.mask_flat)  # masked coordinates: no gradient, no residual
+                work = region[active]
             if not go_dense:
-                payload = state._compress(region, plan)
+                payload = state._compress(work, plan, active)
     except Exception as exc:  # tell the peers before raising, so that nobody hangs
         flags |= FLAG_ERROR
         failure = exc
@@ -519,7 +567,7 @@ def sparse_allreduce_hook(
     try:
         if go_dense:
             exchange_headers(backend, payload, flags)  # errors and mismatches, on every rank
-            region_fut: torch.futures.Future[Any] = allreduce_dense(region, backend, plan.context)
+            region_fut: torch.futures.Future[Any] = allreduce_dense(work, backend, plan.context)
         else:
             region_fut = state.collective.reduce(payload, backend, flags=flags, context=plan.context)
     except PeerError:
@@ -538,25 +586,32 @@ def sparse_allreduce_hook(
         communicated = time.perf_counter()
         state._stats.communicate_s += communicated - compressed
         if go_dense:
-            finite = _is_finite(region)  # the same bits, so the same verdict, on every rank
+            finite = _is_finite(work)  # the same bits, so the same verdict, on every rank
             if finite and state.error_feedback_enabled:
                 state.error_feedback.clear(plan.layout, region, scale)
-            state._stats.selected += numel
+            state._stats.selected += work_numel
+            result = work
         else:
             reduced: Reduced = region_fut.value()
             finite = not reduced.nonfinite
             # Commit error feedback only now: if any rank overflowed, AMP skips this step
             # everywhere, so nothing was sent and the residual must stay as it was. A lossy
             # collective reports which entries made it; the rest stay in the residual.
-            applied = payload
-            if reduced.kept is not None and numel:
-                applied = SparsePayload(payload.indices[reduced.kept], payload.values[reduced.kept], numel)
+            kept = reduced.kept if reduced.kept is not None and payload.count else None
+            indices = payload.indices if kept is None else payload.indices[kept]
+            values = payload.values if kept is None else payload.values[kept]
+            if active is not None:  # back from active coordinates to the region
+                indices = active[indices.long()].to(payload.indices.dtype)
             if finite and state.error_feedback_enabled and numel:
-                state.error_feedback.update(plan.layout, region, applied, scale, new_velocity)
-            state._stats.selected += applied.count
-            reduced.write(region)
-        state._stats.compressible += numel
+                state.error_feedback.update(
+                    plan.layout, region, SparsePayload(indices, values, numel), scale, new_velocity
+                )
+            state._stats.selected += int(indices.numel())
+            result = reduced.write(work if active is None else torch.empty_like(work))
+        state._stats.compressible += work_numel
         state._stats.nonfinite_buckets += int(not finite)
+        if active is not None:  # masked coordinates get no gradient
+            region.zero_().index_copy_(0, active, result)
         region.div_(world)
         _scatter_region(buffer, plan, region)
         if small_fut is not None:

@@ -7,7 +7,8 @@ Recognised, in this order:
 * OpenMPI's mpirun: ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``,
   ``OMPI_COMM_WORLD_LOCAL_RANK``;
 * MPICH / Hydra and Intel MPI: ``PMI_RANK``, ``PMI_SIZE`` (``MPI_LOCALRANKID``);
-* Slurm's srun: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``.
+* Slurm's srun: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``;
+* horovodrun: ``HOROVOD_RANK``, ``HOROVOD_SIZE``, ``HOROVOD_LOCAL_RANK``.
 
 Under an MPI launcher without ``MASTER_ADDR``/``MASTER_PORT``, rank 0 picks its host and
 a free port and broadcasts them with mpi4py when it is installed.
@@ -34,6 +35,7 @@ _LAUNCHERS = (
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK"),
 )
 
 
@@ -100,9 +102,7 @@ def _rendezvous_from_mpi(info: LaunchInfo) -> None:
     os.environ.setdefault("MASTER_PORT", str(port))
 
 
-def init_distributed(
-    backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None
-) -> LaunchInfo:
+def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> LaunchInfo:
     """Initialise the default process group from the launcher's environment.
 
     ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns what was
@@ -131,9 +131,7 @@ def init_distributed(
             f"world size mismatch: the {info.launcher} environment says rank {info.rank} of "
             f"{info.world_size}, the process group has rank {dist.get_rank()} of {dist.get_world_size()}"
         )
-    logger.info(
-        "torch.distributed initialised from %s: rank %d of %d", info.launcher, info.rank, info.world_size
-    )
+    logger.info("torch.distributed initialised from %s: rank %d of %d", info.launcher, info.rank, info.world_size)
     return info
 
 

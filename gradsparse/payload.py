@@ -36,8 +36,7 @@ class SparsePayload:
     @property
     def nbytes(self) -> int:
         return int(
-            self.indices.numel() * self.indices.element_size()
-            + self.values.numel() * self.values.element_size()
+            self.indices.numel() * self.indices.element_size() + self.values.numel() * self.values.element_size()
         )
 
     def validate(self) -> None:

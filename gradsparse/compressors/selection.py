@@ -55,12 +55,15 @@ def _sample(mag: torch.Tensor, target: int, state: Optional[CompressorState]) ->
     only on numel, so every rank and every run draws the same ones."""
     n = mag.numel()
     m = min(n, max(MIN_SAMPLE, min(n // SAMPLE_FRACTION, math.ceil(SAMPLE_HITS * n / max(target, 1)))))
-    positions = state.scratch.get("sample_positions") if state is not None else None
-    if positions is None or positions.numel() != m or positions.device != mag.device:
+    key = f"sample_positions:{n}:{m}"  # positions are valid only for this length
+    positions = state.scratch.get(key) if state is not None else None
+    if positions is None or positions.device != mag.device:
         gen = torch.Generator().manual_seed(_SAMPLE_SEED + n)
         positions = torch.randint(n, (m,), generator=gen).to(mag.device)
         if state is not None:
-            state.scratch["sample_positions"] = positions
+            for stale in [k for k in state.scratch if k.startswith("sample_positions:")]:
+                del state.scratch[stale]
+            state.scratch[key] = positions
     return torch.sort(mag[positions], descending=True).values
 
 

@@ -78,9 +78,7 @@ class SampledTopK(Compressor):
         indices = self._select(mag, k, low, high, state)
         return make_payload(flat, indices)
 
-    def _select(
-        self, mag: torch.Tensor, k: int, low: int, high: int, state: Optional[CompressorState]
-    ) -> torch.Tensor:
+    def _select(self, mag: torch.Tensor, k: int, low: int, high: int, state: Optional[CompressorState]) -> torch.Tensor:
         previous = state.scalars.get("threshold") if (state is not None and self.reuse_threshold) else None
         sample: Optional[torch.Tensor] = None
         too_many, too_few = 0.0, math.inf  # thresholds known to keep > high and < low entries

@@ -16,9 +16,7 @@ import torch.multiprocessing as mp
 __all__ = ["run_distributed", "flat_params", "gather_all"]
 
 
-def _entry(
-    rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float
-) -> None:
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group(

@@ -70,9 +70,7 @@ def test_topk_ties_go_to_lower_index(numel):
     payload = C.build("topk", density=k / numel).compress(x)
     assert payload.indices.tolist() == list(range(0, 2 * k, 2))
     # and the choice does not change between calls
-    assert torch.equal(
-        payload.indices, C.build("topk", density=k / numel).compress(x, CompressorState()).indices
-    )
+    assert torch.equal(payload.indices, C.build("topk", density=k / numel).compress(x, CompressorState()).indices)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,3 +210,17 @@ def test_empty_tensor():
         params = {"threshold": {"threshold": 1.0}, "none": {}}.get(name, {"density": 0.5})
         p = C.build(name, **params).compress(torch.empty(0), CompressorState())
         assert p.count == 0 and p.numel == 0
+
+
+@pytest.mark.parametrize("name", ["topk", "sampled_topk"])
+def test_state_survives_a_change_of_tensor_length(name):
+    """One state reused for a shorter tensor (weight masks shrink the active set) must not
+    reuse sample positions past the new end."""
+    comp = C.build(name, density=0.01)
+    state = CompressorState()
+    gen = torch.Generator().manual_seed(0)
+    for n in (300_000, 120_000, 300_000, 70_000):
+        x = torch.randn(n, generator=gen)
+        state.scalars.clear()  # force sampling
+        payload = comp.compress(x, state)
+        assert 0.9 * k_for_density(0.01, n) <= payload.count <= 1.1 * k_for_density(0.01, n)

@@ -31,9 +31,7 @@ def _compressor(name, density):
     seed=st.integers(0, 2**16),
     steps=st.integers(1, 4),
 )
-def test_sent_plus_residual_equals_compensated_exactly(
-    name, sizes, density, dtype, momentum, scale, seed, steps
-):
+def test_sent_plus_residual_equals_compensated_exactly(name, sizes, density, dtype, momentum, scale, seed, steps):
     """Conservation: at every step, decompress(sent) + new residual equals the
     compensated gradient bit for bit, for every compressor."""
     comp = _compressor(name, density)

@@ -128,9 +128,7 @@ def test_encoding_choice_is_the_smallest():
 def test_pack_unpack_round_trip(dtype, index_dtype, counts):
     numel = 50
     parts = [
-        SparsePayload(
-            torch.sort(torch.randperm(numel)[:c]).values.to(index_dtype), torch.randn(c).to(dtype), numel
-        )
+        SparsePayload(torch.sort(torch.randperm(numel)[:c]).values.to(index_dtype), torch.randn(c).to(dtype), numel)
         for c in counts
     ]
     buf = torch.cat([pack(p) for p in parts])
@@ -205,9 +203,7 @@ def test_peer_index_out_of_range_is_refused():
     bad = payload([3, 12], [1.0, 1.0], 10)  # numel says 10, index 12
     backend = ScriptedBackend([payload([1], [1.0], 10), bad])
     # Raised inside Future.then, so it arrives wrapped in the future's RuntimeError.
-    with pytest.raises(
-        (PayloadError, RuntimeError), match=r"rank\(s\) \[2\] sent a bad message.*outside \[0, 10\)"
-    ):
+    with pytest.raises((PayloadError, RuntimeError), match=r"rank\(s\) \[2\] sent a bad message.*outside \[0, 10\)"):
         build("allgather").reduce(payload([0], [1.0], 10), backend).wait()
 
 

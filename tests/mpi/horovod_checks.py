@@ -1,0 +1,51 @@
+"""Run under ``horovodrun --gloo -np 2`` or ``mpirun -np 2``: train with
+gradsparse.horovod.DistributedOptimizer and save rank 0's final parameters to argv[1]."""
+
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from gradsparse.horovod import DistributedOptimizer
+from tests.distributed.test_hook import loss_of, make_model
+
+STEPS = 12
+
+
+def main() -> None:
+    out, min_numel = sys.argv[1], int(sys.argv[2])
+    try:  # bad input: Horovod not initialised yet
+        DistributedOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+    except RuntimeError as exc:
+        assert "hvd.init()" in str(exc), exc
+    else:
+        raise AssertionError("DistributedOptimizer before hvd.init() did not fail")
+    hvd.init()
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        named_parameters=model.named_parameters(),
+        compressor="topk",
+        density=0.02,
+        min_compress_numel=min_numel,
+    )
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, hvd.rank(), step).backward()
+        opt.step()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(flat.unsqueeze(0))
+    assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ"
+    if hvd.rank() == 0:
+        torch.save({"params": flat, "bytes_sent": opt.bytes_sent}, out)
+        print("HOROVOD CHECKS PASSED")
+
+
+if __name__ == "__main__":
+    main()
