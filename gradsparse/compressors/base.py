@@ -56,12 +56,13 @@ def k_for_density(density: float, numel: int) -> int:
     return max(1, min(numel, math.ceil(Decimal(repr(float(density))) * numel)))
 
 
-def make_payload(tensor: torch.Tensor, indices: torch.Tensor) -> SparsePayload:
-    """A payload of ``tensor``'s values at ``indices`` (sorted ascending here)."""
+def make_payload(tensor: torch.Tensor, indices: torch.Tensor, *, ascending: bool = False) -> SparsePayload:
+    """A payload of ``tensor``'s values at ``indices``, sorted ascending here unless the
+    caller says they already are."""
     numel = tensor.numel()
-    if indices.numel() > 1:
+    if indices.numel() > 1 and not ascending:
         indices = torch.sort(indices).values
-    values = tensor[indices.long()]
+    values = torch.index_select(tensor, 0, indices.long())
     return SparsePayload(indices.to(index_dtype_for(numel)), values, numel)
 
 

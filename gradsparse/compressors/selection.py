@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from gradsparse.compressors.base import CompressorState
@@ -45,9 +46,17 @@ def count_at_least(mag: torch.Tensor, threshold: float, state: Optional[Compress
     return int(torch.count_nonzero(_mask(mag, threshold, state)))
 
 
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending int64 indices of the true entries of a 1-D bool tensor. On the CPU,
+    NumPy's flatnonzero over the same memory is about 4x faster than torch.nonzero."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask).squeeze(1)
+
+
 def indices_at_least(mag: torch.Tensor, threshold: float, state: Optional[CompressorState]) -> torch.Tensor:
     """Ascending indices of entries with ``mag >= threshold``."""
-    return torch.nonzero(_mask(mag, threshold, state)).squeeze(1)
+    return flat_nonzero(_mask(mag, threshold, state))
 
 
 def _sample(mag: torch.Tensor, target: int, state: Optional[CompressorState]) -> torch.Tensor:
@@ -88,14 +97,21 @@ def sample_threshold(
 
 
 def _top_of_candidates(mag: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """The k candidates of largest magnitude; candidates are ascending, so a stable
-    descending sort breaks ties towards the lower index."""
-    order = torch.sort(mag[candidates], descending=True, stable=True).indices[:k]
-    return candidates[order]
+    """The k ascending ``candidates`` of largest magnitude, ties to the lower index, still
+    ascending. No sort: cut at the k-th largest value, then keep the first of the tied."""
+    if candidates.numel() <= k:
+        return candidates
+    values = torch.index_select(mag, 0, candidates)
+    kth = torch.kthvalue(values, candidates.numel() - k + 1).values
+    above = values > kth
+    tied = values == kth
+    need = k - int(above.sum())
+    keep = above | (tied & (torch.cumsum(tied, 0) <= need))
+    return candidates[keep]
 
 
 def topk_indices(mag: torch.Tensor, k: int, state: Optional[CompressorState] = None) -> torch.Tensor:
-    """Indices of exactly ``k`` largest entries of the non-negative ``mag`` (unordered).
+    """Ascending indices of exactly ``k`` largest entries of the non-negative ``mag``.
 
     Raises ``ValueError`` when fewer than ``k`` entries are comparable (NaN present)."""
     n = mag.numel()
@@ -104,9 +120,10 @@ def topk_indices(mag: torch.Tensor, k: int, state: Optional[CompressorState] = N
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=mag.device)
     if n <= SORT_LIMIT:
-        if k > int(torch.count_nonzero(mag >= 0)):
+        candidates = flat_nonzero(mag >= 0)
+        if k > candidates.numel():
             raise ValueError("cannot select top-k: the tensor holds NaN entries")
-        return torch.sort(mag, descending=True, stable=True).indices[:k]
+        return _top_of_candidates(mag, candidates, k)
     margin = 3.0
     while True:
         threshold = sample_threshold(mag, k, state, margin=margin)

@@ -38,4 +38,4 @@ class Threshold(Compressor):
             cap = k_for_density(self.max_density, flat.numel())
             if indices.numel() > cap:
                 indices = _top_of_candidates(mag, indices, cap)
-        return make_payload(flat, indices)
+        return make_payload(flat, indices, ascending=True)

@@ -13,7 +13,6 @@ from gradsparse.compressors.base import Compressor, CompressorState, k_for_densi
 from gradsparse.compressors.selection import (
     _sample,
     _top_of_candidates,
-    count_at_least,
     indices_at_least,
     magnitudes,
     topk_indices,
@@ -39,7 +38,7 @@ class TopK(Compressor):
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)
         k = k_for_density(self.density, flat.numel())
-        return make_payload(flat, topk_indices(magnitudes(flat, state), k, state))
+        return make_payload(flat, topk_indices(magnitudes(flat, state), k, state), ascending=True)
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class SampledTopK(Compressor):
         low = max(1, math.ceil((1.0 - self.tolerance) * k))
         high = max(low, math.floor((1.0 + self.tolerance) * k))
         indices = self._select(mag, k, low, high, state)
-        return make_payload(flat, indices)
+        return make_payload(flat, indices, ascending=True)
 
     def _select(self, mag: torch.Tensor, k: int, low: int, high: int, state: Optional[CompressorState]) -> torch.Tensor:
         previous = state.scalars.get("threshold") if (state is not None and self.reuse_threshold) else None
@@ -88,11 +87,12 @@ class SampledTopK(Compressor):
             sample = _sample(mag, k, state)
             threshold = self._propose(sample, mag.numel(), k)
         for _ in range(self.max_refinements + 1):
-            count = count_at_least(mag, threshold, state)
+            selected = indices_at_least(mag, threshold, state)  # the count is its length
+            count = selected.numel()
             if low <= count <= high:
                 if state is not None:
                     state.scalars["threshold"] = threshold
-                return indices_at_least(mag, threshold, state)
+                return selected
             if count > high:
                 too_many = max(too_many, threshold)
             else:

@@ -30,7 +30,7 @@ import torch
 
 from gradsparse._validate import check_density, check_nonnegative, check_probability
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
-from gradsparse.compressors.selection import _top_of_candidates
+from gradsparse.compressors.selection import _top_of_candidates, flat_nonzero
 from gradsparse.payload import SparsePayload
 
 __all__ = ["VarianceBased"]
@@ -74,7 +74,7 @@ class VarianceBased(Compressor):
         flat = self._check_input(tensor)
         acc = state.buffers["acc_var"]
         score = flat * flat  # r**2
-        indices = torch.nonzero(score > acc * self.alpha).squeeze(1)
+        indices = flat_nonzero(score > acc * self.alpha)
         if self.max_density is not None:
             cap = k_for_density(self.max_density, flat.numel())
             if indices.numel() > cap:
