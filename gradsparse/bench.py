@@ -282,6 +282,7 @@ def _run_group(world: int, rate: Optional[str], configs: List[Config], args: arg
             cluster.down()
 
     atexit.register(teardown)
+
     def on_term(*_: object) -> None:
         teardown()
         sys.exit(143)
