@@ -61,9 +61,12 @@ class Reduced:
     nonfinite: bool = False
     kept: Optional[torch.Tensor] = None
 
-    def write(self, out: torch.Tensor) -> torch.Tensor:
-        """Write the sum into the flat ``out`` (``numel`` entries); NaN everywhere when
-        any rank reported a non-finite gradient, so that AMP skips the step on all ranks."""
+    def write(self, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Write ``scale`` times the sum into the flat ``out`` (``numel`` entries); NaN
+        everywhere when any rank reported a non-finite gradient, so that AMP skips the step
+        on all ranks. Scaling each contribution as it is added (the hook averages with
+        ``scale = 1/P``) saves a pass over ``out``; for power-of-two P it is bit-identical
+        to dividing afterwards."""
         if out.numel() != self.numel:
             raise ValueError(f"output has {out.numel()} entries, the reduction has {self.numel}")
         if self.nonfinite:
@@ -71,9 +74,10 @@ class Reduced:
         out.zero_()
         for part in self.parts:
             if part.sparse is not None:
-                part.sparse.to_dense(out)
+                if part.sparse.count:
+                    out.index_add_(0, part.sparse.indices, part.sparse.values.to(out.dtype), alpha=scale)
             elif part.dense is not None:
-                out[part.lo : part.lo + part.dense.numel()].add_(part.dense.to(out.dtype))
+                out[part.lo : part.lo + part.dense.numel()].add_(part.dense.to(out.dtype), alpha=scale)
         return out
 
     def to_dense(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

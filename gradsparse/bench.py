@@ -92,15 +92,29 @@ def _wire_counters(interface: Optional[str]) -> Optional[int]:
         return None
 
 
+class _Inject(torch.autograd.Function):
+    """A scalar whose backward hands the parameter a prepared gradient: the step then costs
+    what DDP and the hook cost, not a 100 MB gradient computation."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.grad = grad
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> Any:
+        return ctx.grad, None
+
+
 class _OneParameter(torch.nn.Module):
-    """One large parameter whose gradient is whatever the loss multiplies it by."""
+    """One large parameter; its gradient is the one given to forward()."""
 
     def __init__(self, shape: tuple) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(shape))
 
-    def forward(self) -> torch.Tensor:
-        return self.weight
+    def forward(self, grad: torch.Tensor) -> torch.Tensor:
+        return _Inject.apply(self.weight, grad)
 
 
 def _bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) -> Dict[str, Any]:
@@ -118,7 +132,9 @@ def _bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) -
 
     def make() -> Any:
         module = _OneParameter(shape)
-        ddp = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=cfg.numel * 4 / 2**20 + 1)
+        ddp = nn.parallel.DistributedDataParallel(
+            module, bucket_cap_mb=cfg.numel * 4 / 2**20 + 1, gradient_as_bucket_view=True
+        )
         state = None
         if cfg.method == "fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -139,13 +155,12 @@ def _bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) -
         return module, ddp, state
 
     def step(module: Any, ddp: Any) -> None:
-        module.weight.grad = None
-        (ddp() * grad).sum().backward()  # through DDP's forward, so that its reducer runs
+        ddp(grad).backward()  # through DDP's forward, so that its reducer runs
 
     # Correctness, on a fresh state (no residual yet) --------------------------------------
     module, ddp, state = make()
     step(module, ddp)
-    result = module.weight.grad.reshape(-1)
+    result = module.weight.grad.reshape(-1).clone()
     dense = grad.reshape(-1).clone()
     dist.all_reduce(dense)
     dense /= world

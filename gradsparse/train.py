@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from gradsparse import compressors
 from gradsparse.comm import available as available_collectives
@@ -207,7 +208,8 @@ def train(config: RunConfig, args: argparse.Namespace, seed: int) -> List[Dict[s
     steps_per_epoch = math.ceil(len(y_train) / (args.batch_size * world))
     start_epoch, start_step, records = 0, 0, []
     ckpt_path = _checkpoint_path(Path(args.out), config, seed)
-    if args.resume and ckpt_path.exists():
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # an elastic restart resumes
+    if (args.resume or restarted) and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, args.model)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -543,6 +545,8 @@ def _validate(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "ranks"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_restarts and not args.checkpoint_every:
+        raise UsageError("--max-restarts needs --checkpoint-every N, or a restarted rank would start over")
     if not 0.0 <= args.mask_sparsity < 1.0:
         raise UsageError(f"--mask-sparsity must be in [0, 1), got {args.mask_sparsity}")
     if args.lr <= 0 or not math.isfinite(args.lr):
@@ -578,6 +582,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         rows = _worker(args) if under_launcher else _launch_local(args)
+    except ChildFailedError as exc:
+        failures = "; ".join(
+            f"rank {rank}: {'signal ' + str(-f.exitcode) if f.exitcode < 0 else 'exit code ' + str(f.exitcode)}"
+            for rank, f in sorted(exc.failures.items())
+        )
+        print(
+            f"gradsparse-train: error: a rank failed ({failures}); restarts left: none. "
+            "Resume with --resume (checkpoints in --out)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("gradsparse-train: interrupted", file=sys.stderr)
         return 130

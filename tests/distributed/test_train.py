@@ -91,3 +91,49 @@ def test_a_tampered_checkpoint_is_refused(tmp_path, capsys):
     ckpt.write_bytes(b"not a checkpoint at all")
     assert main(["--compare", "topk:0.01", "--resume", "--out", str(tmp_path)]) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+def _descendants(root: int):
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry.name))
+                        frontier.append(int(entry.name))
+                except OSError:
+                    continue
+    return found
+
+
+def test_sigkill_with_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
+    """A rank killed mid-training: the elastic agent restarts the ranks, which resume from
+    the last checkpoint (residuals included) and end where an uninterrupted run ends."""
+    import signal
+    import time
+
+    common = ["--compare", "topk:0.05", "--epochs", "6", "--checkpoint-every", "3"]
+    run_cli(*common, "--out", str(tmp_path / "straight"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gradsparse.train", "--ranks", "2", *common, "--max-restarts", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoints" / "topk_0.05-seed0.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    workers = [p for p in _descendants(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers, "no worker process found to kill"
+    os.kill(workers[-1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "topk_0.05-seed0.pt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert b["epoch"] == 6
+    assert [r["test_accuracy"] for r in a["records"]][-1] == [r["test_accuracy"] for r in b["records"]][-1]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradsparse import compressors as C
 from gradsparse.compressors import CompressorState, k_for_density
@@ -224,3 +226,35 @@ def test_state_survives_a_change_of_tensor_length(name):
         state.scalars.clear()  # force sampling
         payload = comp.compress(x, state)
         assert 0.9 * k_for_density(0.01, n) <= payload.count <= 1.1 * k_for_density(0.01, n)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(["topk", "sampled_topk", "threshold", "randomk", "none"]),
+    shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    density=st.sampled_from([1e-9, 1e-3, 0.5, 1.0]),
+    poison=st.sampled_from(["none", "nan", "inf", "-inf"]),
+    seed=st.integers(0, 1000),
+)
+def test_hostile_input_round_trips_or_raises_clearly(name, shape, dtype, density, poison, seed):
+    """Arbitrary shapes, dtypes, NaN/inf, empty tensors and extreme densities: a payload
+    either round-trips exactly (sent values are the input's) or compression raises a
+    ValueError that says why."""
+    x = torch.randn(shape or [], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if poison != "none" and x.numel():
+        x.view(-1)[seed % x.numel()] = float(poison)
+    params = {"threshold": {"threshold": density}, "none": {}}.get(name, {"density": density})
+    comp = C.build(name, **params)
+    try:
+        payload = comp.compress(x, CompressorState())
+    except ValueError as exc:
+        assert "NaN" in str(exc)
+        return
+    payload.validate()
+    flat = x.reshape(-1)
+    sent = flat[payload.indices.long()]
+    assert torch.equal(sent.isnan(), payload.values.isnan())
+    assert torch.equal(torch.nan_to_num(sent), torch.nan_to_num(payload.values))
+    dense = comp.decompress(payload)
+    assert dense.numel() == flat.numel()
