@@ -61,9 +61,10 @@ def _median_seconds(fn: Any, repeats: int) -> float:
 
 def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int = 5) -> LinkModel:
     """Measure latency and bandwidth with a short allgather probe, and memory bandwidth
-    with one read+write pass; every rank adopts the most pessimistic figures."""
+    with one read+write pass over 64 MB (all ranks at once, so shared cores show); every
+    rank adopts the most pessimistic figures."""
     p = backend.size
-    x = torch.randn(probe_bytes // 4)
+    x = torch.randn(1 << 24)  # 64 MB: far beyond the caches, or the memory looks free
     buf = torch.empty_like(x)
     torch.abs(x, out=buf)
     memory = 2 * x.nbytes / _median_seconds(lambda: torch.abs(x, out=buf), repeats)
@@ -92,8 +93,31 @@ def _message_bytes(count: int, span: int, itemsize: int) -> int:
     return encoded_bytes(choose_encoding(count, span, vdt, torch.int32), count, span, vdt, torch.int32)
 
 
+def _merge_seconds(model: LinkModel, entries: int) -> float:
+    """Merging two sorted sparse lists of ``entries`` in all (sort, deduplicate,
+    segment-sum): about 6 * log2(entries) memory passes over 8-byte entries, as measured
+    on the development machine."""
+    if entries <= 1:
+        return 0.0
+    return model.memory(8 * entries * 6 * math.log2(entries))
+
+
+#: Memory traffic per decoded entry: producing indices (flatnonzero), viewing values and the
+#: scatter-add, measured as about 25 ns per entry on the development machine.
+_DECODE_BYTES_PER_ENTRY = 800
+#: Read+write passes the hook spends besides selection: finiteness, compensation, the
+#: error-feedback commit, zeroing the output (measured: about 12 on the development machine).
+HOOK_PASSES = 12
+
+
+def _decode_seconds(model: LinkModel, count: int, span: int, itemsize: int) -> float:
+    """Decoding and scatter-adding one message of ``count`` entries over ``span``."""
+    return model.memory(_DECODE_BYTES_PER_ENTRY * count + 2 * span // 8)
+
+
 def predict(model: LinkModel, name: str, counts: Sequence[int], numel: int, itemsize: int) -> float:
-    """Predicted seconds of collective ``name`` for these per-rank counts."""
+    """Predicted seconds of collective ``name`` for these per-rank counts: wire time plus
+    the CPU work of encoding, decoding and merging."""
     p = len(counts)
     if p == 1:
         return 0.0
@@ -102,21 +126,24 @@ def predict(model: LinkModel, name: str, counts: Sequence[int], numel: int, item
         return model.wire(2 * (p - 1), moved) + model.memory(2 * numel * itemsize)
     sizes = [_message_bytes(c, numel, itemsize) for c in counts]
     if name == "allgather":  # the busiest rank receives everyone else's message
-        return model.wire(p - 1, sum(sizes) - min(sizes))
+        decode = sum(_decode_seconds(model, c, numel, itemsize) for c in counts)
+        return model.wire(p - 1, sum(sizes) - min(sizes)) + decode
     if name == "split_allgather":
         span = -(-numel // p)
         scatter = max(_message_bytes(math.ceil(c * (p - 1) / p), numel, itemsize) for c in counts)
-        reduced = _message_bytes(min(span, math.ceil(sum(counts) / p)), span, itemsize)
-        return model.wire(2 * (p - 1) + 1, scatter + (p - 1) * reduced) + model.memory(2 * span * itemsize)
+        union = min(span, math.ceil(sum(counts) / p))
+        reduced = _message_bytes(union, span, itemsize)
+        work = model.memory(4 * span * itemsize) + sum(_decode_seconds(model, union, span, itemsize) for _ in range(p))
+        return model.wire(2 * (p - 1) + 1, scatter + (p - 1) * reduced) + work
     if name == "recursive_doubling":
         p2 = 1 << (p.bit_length() - 1)
         rounds = int(math.log2(p2))
         total, count = 0.0, max(counts)
         if p != p2:
-            total += 2 * model.wire(2, _message_bytes(count, numel, itemsize))
+            total += 2 * model.wire(2, _message_bytes(count, numel, itemsize)) + _merge_seconds(model, 2 * count)
             count = min(numel, 2 * count)
         for _ in range(rounds):
-            total += model.wire(2, _message_bytes(count, numel, itemsize))
+            total += model.wire(2, _message_bytes(count, numel, itemsize)) + _merge_seconds(model, 2 * count)
             count = min(numel, 2 * count)
         return total
     raise ValueError(f"no cost model for collective {name!r}")
@@ -170,13 +197,17 @@ class AutoCollective(Collective):
             self.model = measure_link(backend)
         return self.model
 
-    def prefers_dense(self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float) -> bool:
+    def prefers_dense(
+        self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float
+    ) -> bool:
+        """Dense when a dense allreduce is predicted no slower than the hook's CPU work
+        (selection's ``passes`` plus :data:`HOOK_PASSES`, each a read and a write of the
+        tensor) plus the cheapest sparse collective."""
         model = self.link(backend)
         counts = [expected_count] * backend.size
         dense = predict(model, "dense", counts, numel, itemsize)
-        sparse = model.memory(passes * numel * itemsize) + min(
-            predict(model, n, counts, numel, itemsize) for n in self.candidates if n != "dense"
-        )
+        cpu = model.memory(2 * (passes + HOOK_PASSES) * numel * itemsize)
+        sparse = cpu + min(predict(model, n, counts, numel, itemsize) for n in self.candidates if n != "dense")
         return dense <= sparse
 
     def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from gradsparse.payload import SparsePayload
@@ -119,10 +120,15 @@ def encode(indices: torch.Tensor, values: torch.Tensor, lo: int, span: int, kind
     if kind == LIST:
         parts = _pad(indices.contiguous().view(torch.uint8)) + _pad(values.contiguous().view(torch.uint8))
     elif kind == BITMAP:
-        bits = torch.zeros(-(-span // 8) * 8, dtype=torch.uint8, device=device)
-        bits[indices.long() - lo] = 1
-        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
-        packed = (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+        if device.type == "cpu":  # NumPy packs bits several times faster than tensor ops
+            bits_np = np.zeros(span, dtype=np.bool_)
+            bits_np[(indices.long() - lo).numpy()] = True
+            packed = torch.from_numpy(np.packbits(bits_np, bitorder="little"))
+        else:
+            bits = torch.zeros(-(-span // 8) * 8, dtype=torch.uint8, device=device)
+            bits[indices.long() - lo] = 1
+            weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+            packed = (bits.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
         parts = _pad(packed) + _pad(values.contiguous().view(torch.uint8))
     elif kind == DENSE:
         dense = torch.zeros(span, dtype=values.dtype, device=device)
@@ -167,9 +173,13 @@ def decode(
             )
     else:
         nbytes = -(-span // 8)
-        shifts = torch.arange(8, dtype=torch.uint8, device=buf.device)
-        bits = (buf[:nbytes].unsqueeze(1) >> shifts) & 1
-        positions = torch.nonzero(bits.reshape(-1)[:span]).squeeze(1)
+        if buf.device.type == "cpu":
+            unpacked = np.unpackbits(buf[:nbytes].numpy(), count=span, bitorder="little")
+            positions = torch.from_numpy(np.flatnonzero(unpacked))
+        else:
+            shifts = torch.arange(8, dtype=torch.uint8, device=buf.device)
+            bits = (buf[:nbytes].unsqueeze(1) >> shifts) & 1
+            positions = torch.nonzero(bits.reshape(-1)[:span]).squeeze(1)
         if positions.numel() != count:
             raise PayloadError(f"bitmap holds {positions.numel()} entries, the header says {count}")
         indices = (positions + lo).to(index_dtype)

