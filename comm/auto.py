@@ -197,9 +197,7 @@ class AutoCollective(Collective):
             self.model = measure_link(backend)
         return self.model
 
-    def prefers_dense(
-        self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float
-    ) -> bool:
+    def prefers_dense(self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float) -> bool:
         """Dense when a dense allreduce is predicted no slower than the hook's CPU work
         (selection's ``passes`` plus :data:`HOOK_PASSES`, each a read and a write of the
         tensor) plus the cheapest sparse collective."""
