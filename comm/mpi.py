@@ -65,6 +65,13 @@ class MPIBackend(Backend):
         self.comm.Alltoallv([_buf(send), (list(send_counts), sdispl)], [_buf(out), (list(recv_counts), rdispl)])
         return completed_future(out)
 
+    def _allreduce_native(self, tensor: torch.Tensor) -> Optional[torch.futures.Future[torch.Tensor]]:
+        if tensor.dtype not in (torch.float32, torch.float64) or not tensor.is_contiguous():
+            return None  # MPI has no standard sum for fp16/bf16
+        mpi = _import_mpi()
+        self.comm.Allreduce(mpi.IN_PLACE, _buf(tensor), op=mpi.SUM)
+        return completed_future(tensor)
+
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
         recv = torch.empty(recv_numel, dtype=send.dtype, device=send.device)
         self.comm.Sendrecv(_buf(send), dest=peer, recvbuf=_buf(recv), source=peer)

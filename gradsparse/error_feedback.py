@@ -106,6 +106,12 @@ class ErrorFeedback:
         self.velocity = ParamStore()
         #: loss scale each parameter's state is expressed in (1.0 without AMP)
         self.scales: Dict[str, float] = {}
+        #: parameters whose residual is known to be all zeros (everything was sent dense)
+        self._zero: set = set()
+
+    def is_zero(self, layout: Layout) -> bool:
+        """Whether the residual of ``layout`` is known to be zero (compensation is a no-op)."""
+        return not self.momentum and all(name in self._zero for name, _ in layout)
 
     def _rescale(self, layout: Layout, like: torch.Tensor, scale: float) -> None:
         """Express the state of ``layout`` in the current loss scale. GradScaler moves the
@@ -128,6 +134,8 @@ class ErrorFeedback:
         good, so a step that AMP skips leaves the state as it was. Returns the new
         momentum (with momentum correction) for :meth:`update`, else None. ``scale`` is
         the current loss scale when gradients are scaled (AMP)."""
+        if self.is_zero(layout):
+            return None
         self._rescale(layout, grad, scale)
         new_velocity = None
         if self.momentum:
@@ -146,6 +154,7 @@ class ErrorFeedback:
     ) -> None:
         """Keep what ``payload`` did not send. ``compensated`` must still hold the values
         that :meth:`compensate` produced, and ``new_velocity`` what it returned."""
+        self._zero.difference_update(name for name, _ in layout)
         residual = self.residuals.flat(layout, compensated)
         residual.copy_(compensated)
         sent = payload.indices
@@ -161,11 +170,15 @@ class ErrorFeedback:
 
     def clear(self, layout: Layout, like: torch.Tensor, scale: float = 1.0) -> None:
         """Everything was sent (the bucket went dense): nothing is kept back."""
+        if self.is_zero(layout):
+            return
         self.residuals.flat(layout, like).zero_()
         if self.momentum:
             self.velocity.flat(layout, like).zero_()
         for name, _ in layout:
             self.scales[name] = scale
+        if not self.momentum:
+            self._zero.update(name for name, _ in layout)
 
     def state_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"residuals": self.residuals.state_dict(), "scales": dict(self.scales)}
@@ -177,6 +190,7 @@ class ErrorFeedback:
         self.residuals.load_state_dict(state.get("residuals", {}))
         self.velocity.load_state_dict(state.get("velocity", {}))
         self.scales = {name: float(v) for name, v in state.get("scales", {}).items()}
+        self._zero.clear()
 
     def residual(self, name: str) -> Optional[torch.Tensor]:
         return self.residuals.tensors.get(name)
