@@ -17,13 +17,12 @@ the cheapest exact algorithm is chosen.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from gradsparse._timing import median_seconds
 from gradsparse._validate import check_nonnegative
 from gradsparse.payload import SparsePayload
 
@@ -50,15 +49,6 @@ class LinkModel:
         return nbytes / self.memory_Bps
 
 
-def _median_seconds(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int = 5) -> LinkModel:
     """Measure latency and bandwidth with a short allgather probe, and memory bandwidth
     with one read+write pass over 64 MB (all ranks at once, so shared cores show); every
@@ -67,7 +57,7 @@ def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int =
     x = torch.randn(1 << 24)  # 64 MB: far beyond the caches, or the memory looks free
     buf = torch.empty_like(x)
     torch.abs(x, out=buf)
-    memory = 2 * x.nbytes / _median_seconds(lambda: torch.abs(x, out=buf), repeats)
+    memory = 2 * x.nbytes / median_seconds(lambda: torch.abs(x, out=buf), repeats)
     if p == 1:
         return LinkModel(0.0, math.inf, memory)
     tiny = torch.zeros(1, dtype=torch.int64)
@@ -75,8 +65,8 @@ def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int =
     for _ in range(2):
         backend._allgather_fixed(tiny).wait()
         backend._allgather_fixed(big).wait()
-    latency = _median_seconds(lambda: backend._allgather_fixed(tiny).wait(), 3 * repeats) / (p - 1)
-    per_step = _median_seconds(lambda: backend._allgather_fixed(big).wait(), repeats) / (p - 1)
+    latency = median_seconds(lambda: backend._allgather_fixed(tiny).wait(), 3 * repeats) / (p - 1)
+    per_step = median_seconds(lambda: backend._allgather_fixed(big).wait(), repeats) / (p - 1)
     bandwidth = probe_bytes / max(per_step - latency, 1e-9)
     mine = torch.tensor([int(latency * 1e9), int(bandwidth), int(memory)], dtype=torch.int64)
     table = backend._allgather_fixed(mine).wait().view(p, 3)

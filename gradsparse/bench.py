@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import csv
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from gradsparse._timing import median_seconds
 from gradsparse.cluster import Cluster, ClusterError, parse_rate
 
 __all__ = ["main"]
@@ -75,12 +77,7 @@ def _lines(path: Path) -> int:
 def _pass_seconds(numel: int) -> float:
     x = torch.randn(numel)
     buf = torch.empty_like(x)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        torch.abs(x, out=buf)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    return median_seconds(lambda: torch.abs(x, out=buf), repeats=4)
 
 
 def _wire_counters(interface: Optional[str]) -> Optional[int]:
@@ -459,24 +456,18 @@ def _select_bench(args: argparse.Namespace) -> int:
     k = compressors.k_for_density(density, n)
     buf = torch.empty_like(x)
 
-    def timed(fn: Any, repeats: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    one_pass = timed(lambda: torch.abs(x, out=buf))
+    one_pass = median_seconds(lambda: torch.abs(x, out=buf))
     rows: List[tuple] = [("one read+write pass (torch.abs out=)", one_pass, None)]
-    rows.append(("torch.topk", timed(lambda: torch.topk(x.abs(), k), repeats=1), k))
-    rows.append(("np.argpartition", timed(lambda: np.argpartition(np.abs(x.numpy()), n - k)[n - k :], repeats=1), k))
+    rows.append(("torch.topk", median_seconds(lambda: torch.topk(x.abs(), k), repeats=1), k))
+    rows.append(
+        ("np.argpartition", median_seconds(lambda: np.argpartition(np.abs(x.numpy()), n - k)[n - k :], repeats=1), k)
+    )
     for name in ("topk", "sampled_topk"):
         comp = compressors.build(name, density=density)
         state = CompressorState()
         count = comp.compress(x, state).count
-        rows.append((f"gradsparse {name}", timed(lambda c=comp, s=state: c.compress(x, s)), count))
+        seconds = median_seconds(functools.partial(comp.compress, x, state))
+        rows.append((f"gradsparse {name}", seconds, count))
     print(f"selection of {density:g} of {n:,} fp32 entries (k = {k:,}), one thread")
     print(f"{'method':<38}{'ms':>9}{'x pass':>9}{'vs torch.topk':>15}{'count/k':>10}")
     topk_time = rows[1][1]

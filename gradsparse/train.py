@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=int,
         default=0,
-        help="steps between checkpoints (0: per epoch only with --resume)",
+        help="steps between checkpoints, also written at every epoch end (0: no checkpoints)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument(
