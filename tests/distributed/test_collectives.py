@@ -215,3 +215,17 @@ def test_a_dead_or_hung_peer_is_an_error_not_a_hang(how, limit):
             assert elapsed < timeout  # the closed connection is noticed before the timeout
         else:
             assert "imeout" in message or "imed out" in message, message
+
+
+def _probe(rank, world):
+    from gradsparse.comm.auto import measure_link
+
+    model = measure_link(TorchDistBackend(), probe_bytes=1 << 20, repeats=3)
+    return (model.latency_s, model.bandwidth_Bps, model.memory_Bps)
+
+
+def test_link_probe_gives_every_rank_the_same_model():
+    models = run_distributed(_probe, 2)
+    assert models[0] == models[1]  # agreed through an allgather: the most pessimistic figures
+    latency, bandwidth, memory = models[0]
+    assert 0 < latency < 1 and bandwidth > 1e6 and memory > 1e8
