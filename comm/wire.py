@@ -45,9 +45,6 @@ __all__ = [
     "encode_dense",
     "encoded_bytes",
     "exchange_headers",
-    "pack",
-    "segment_bytes",
-    "unpack",
 ]
 
 FLAG_NONFINITE = 1
@@ -82,11 +79,6 @@ def encoded_bytes(kind: int, count: int, span: int, value_dtype: torch.dtype, in
     if kind == DENSE:
         return _aligned(span * value_dtype.itemsize)
     raise PayloadError(f"unknown message encoding {kind}; expected one of {list(_KINDS)}")
-
-
-def segment_bytes(count: int, value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
-    """Size of an index-list message of ``count`` entries."""
-    return encoded_bytes(LIST, count, 0, value_dtype, index_dtype)
 
 
 def choose_encoding(
@@ -300,35 +292,3 @@ def _validate_table(table: List[List[int]]) -> None:
         problems.append("header lengths differ across ranks")
     if problems:
         raise PayloadError("sparse collective refused mismatched payloads: " + "; ".join(problems))
-
-
-def pack(payload: SparsePayload) -> torch.Tensor:
-    """This rank's payload as an index-list message over the whole tensor."""
-    return encode(payload.indices, payload.values, 0, payload.numel, LIST)
-
-
-def unpack(buffer: torch.Tensor, counts: Sequence[int], headers: Headers) -> List[SparsePayload]:
-    """Split concatenated index-list messages of all ranks, checking sizes and ranges."""
-    sizes = [segment_bytes(c, headers.value_dtype, headers.index_dtype) for c in counts]
-    if buffer.numel() != sum(sizes):
-        raise PayloadError(f"received {buffer.numel()} bytes, expected {sum(sizes)} from counts {list(counts)}")
-    out = []
-    offset = 0
-    for rank, (count, size) in enumerate(zip(counts, sizes)):
-        try:
-            msg = decode(
-                buffer[offset : offset + size],
-                LIST,
-                count,
-                0,
-                headers.numel,
-                headers.numel,
-                headers.value_dtype,
-                headers.index_dtype,
-            )
-        except PayloadError as exc:
-            raise PayloadError(f"rank(s) [{rank}] sent a bad message: {exc}") from None
-        assert msg.sparse is not None
-        out.append(msg.sparse)
-        offset += size
-    return out

@@ -9,14 +9,14 @@ a single add; when DDP regroups parameters the buffer is rebuilt by copying.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from gradsparse._validate import check_probability
 from gradsparse.payload import SparsePayload
 
-__all__ = ["Layout", "ParamStore", "ErrorFeedback", "layout_of"]
+__all__ = ["Layout", "ParamStore", "ErrorFeedback"]
 
 #: the parameters selected together, in order: (name, numel) pairs
 Layout = Tuple[Tuple[str, int], ...]
@@ -197,7 +197,3 @@ class ErrorFeedback:
 
     def names(self) -> List[str]:
         return list(self.residuals.tensors)
-
-
-def layout_of(names: Sequence[str], numels: Sequence[int]) -> Layout:
-    return tuple(zip(names, (int(n) for n in numels)))

@@ -17,7 +17,7 @@ import torch
 
 from gradsparse.compressors.base import CompressorState
 
-__all__ = ["magnitudes", "sample_threshold", "topk_indices", "count_at_least", "indices_at_least"]
+__all__ = ["magnitudes", "sample_threshold", "topk_indices", "indices_at_least"]
 
 #: below this many entries a full stable sort is cheap enough
 SORT_LIMIT = 1 << 16
@@ -40,10 +40,6 @@ def _mask(mag: torch.Tensor, threshold: float, state: Optional[CompressorState])
     if state is None:
         return mag >= threshold
     return torch.ge(mag, threshold, out=state.work("mask", mag, torch.bool))
-
-
-def count_at_least(mag: torch.Tensor, threshold: float, state: Optional[CompressorState]) -> int:
-    return int(torch.count_nonzero(_mask(mag, threshold, state)))
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:

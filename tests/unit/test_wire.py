@@ -14,18 +14,15 @@ from gradsparse.comm import (
     build,
     completed_future,
 )
+from gradsparse.comm.collectives import _decode_all
 from gradsparse.comm.wire import (
     BITMAP,
     DENSE,
     LIST,
-    Headers,
     choose_encoding,
     decode,
     encode,
     encoded_bytes,
-    pack,
-    segment_bytes,
-    unpack,
 )
 from gradsparse.payload import SparsePayload
 
@@ -125,24 +122,24 @@ def test_encoding_choice_is_the_smallest():
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("counts", [[0, 3], [1, 2, 5], [7, 0, 0]])
-def test_pack_unpack_round_trip(dtype, index_dtype, counts):
+def test_index_list_messages_of_all_ranks_round_trip(dtype, index_dtype, counts):
     numel = 50
     parts = [
         SparsePayload(torch.sort(torch.randperm(numel)[:c]).values.to(index_dtype), torch.randn(c).to(dtype), numel)
         for c in counts
     ]
-    buf = torch.cat([pack(p) for p in parts])
-    assert buf.numel() == sum(segment_bytes(c, dtype, index_dtype) for c in counts)
-    n = len(counts)
-    headers = Headers(numel, counts, [0] * n, [LIST] * n, [0] * n, [[]] * n, dtype, index_dtype)
-    for got, want in zip(unpack(buf, counts, headers), parts):
-        assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    buf = torch.cat([encode(p.indices, p.values, 0, numel, LIST) for p in parts])
+    assert buf.numel() == sum(encoded_bytes(LIST, c, numel, dtype, index_dtype) for c in counts)
+    kinds = [LIST] * len(counts)
+    decoded = _decode_all(buf, counts, [(0, numel)] * len(counts), numel, dtype, index_dtype, kinds)
+    for got, want in zip(decoded, parts):
+        assert torch.equal(got.sparse.indices, want.indices) and torch.equal(got.sparse.values, want.values)
 
 
 def test_truncated_or_corrupt_messages_are_rejected():
     p = payload([1, 2], [1.0, 2.0], 10)
     with pytest.raises(PayloadError, match="message of 8 bytes, expected 16"):
-        decode(pack(p)[:8], LIST, 2, 0, 10, 10, torch.float32, torch.int32)
+        decode(encode(p.indices, p.values, 0, 10, LIST)[:8], LIST, 2, 0, 10, 10, torch.float32, torch.int32)
     bitmap = encode(p.indices, p.values, 0, 10, BITMAP)[:8]  # two bits set
     forged = torch.cat([bitmap, torch.zeros(16, dtype=torch.uint8)])  # sized for three values
     with pytest.raises(PayloadError, match="bitmap holds 2 entries, the header says 3"):
