@@ -24,8 +24,8 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -249,11 +249,11 @@ def _quantile(values: Sequence[float], q: float) -> float:
 def _worker(spec_path: str) -> None:
     import torch.distributed as dist
 
-    from gradsparse.launch import init_distributed
-
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
-    init_distributed(backend="gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.FileStore(spec["store_file"], world)  # no listening socket for the rendezvous
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     for raw in spec["configs"]:
         row = _bench_one(Config(**raw), spec["warmup"], spec["iters"], spec.get("interface"))
         if dist.get_rank() == 0:
@@ -264,12 +264,6 @@ def _worker(spec_path: str) -> None:
 
 
 # The parent: sweeps, clusters, reports ----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _configs(args: argparse.Namespace) -> List[Config]:
@@ -289,11 +283,14 @@ def _run_group(world: int, rate: Optional[str], configs: List[Config], args: arg
     cluster = None if rate is None else Cluster(world, rate)
     spec = {"configs": [c.__dict__ for c in configs], "warmup": args.warmup, "iters": args.iters, "out": str(out)}
     procs: List[subprocess.Popen] = []
+    store_dirs: List[Path] = []
 
     def teardown(*_: object) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+        for path in store_dirs:
+            shutil.rmtree(path, ignore_errors=True)
         if cluster is not None:
             cluster.down()
 
@@ -308,19 +305,23 @@ def _run_group(world: int, rate: Optional[str], configs: List[Config], args: arg
         if cluster is not None:
             cluster.up()
             spec["interface"] = cluster.interface
+        # The ranks meet through a file, not a TCPStore (whose server listens on every
+        # interface); gloo binds to lo or to the rank's veth. Nothing listens anywhere else.
+        store_dir = Path(tempfile.mkdtemp(prefix="gsbench-store-"))
+        spec["store_file"] = str(store_dir / "store")
+        store_dirs.append(store_dir)
         spec_file = Path(tempfile.mkstemp(prefix="gsbench-", suffix=".json")[1])
         spec_file.write_text(json.dumps(spec))
-        port = _free_port()
         before = _lines(out)
         for rank in range(world):
             if cluster is not None:
-                env = {**os.environ, **cluster.rank_env(rank, port), "OMP_NUM_THREADS": "1"}
+                # inside the rank's namespace: the store and gloo see only its lo and veth
+                env = {**os.environ, **cluster.rank_env(rank), "OMP_NUM_THREADS": "1"}
                 cmd = [*cluster.exec_prefix(rank), sys.executable, "-m", "gradsparse.bench", "worker", str(spec_file)]
             else:
                 env = {
                     **os.environ,
-                    "MASTER_ADDR": "127.0.0.1",
-                    "MASTER_PORT": str(port),
+                    "GLOO_SOCKET_IFNAME": "lo",
                     "RANK": str(rank),
                     "WORLD_SIZE": str(world),
                     "LOCAL_RANK": str(rank),

@@ -102,6 +102,27 @@ def _rendezvous_from_mpi(info: LaunchInfo) -> None:
     os.environ.setdefault("MASTER_PORT", str(port))
 
 
+def _warn_shared_elastic_store(env: Mapping[str, str]) -> bool:
+    """Warn when torchrun restarts workers into the agent's shared store.
+
+    That store outlives the workers, so the keys a restarted process group reads (gloo's
+    per-rank addresses, barrier counters) can still be its dead predecessors': the restart
+    then fails in ``connectFullMesh`` with "Connection refused", or waits. Setting
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun gives every round a fresh store.
+    """
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if shared and restarts.isdigit() and int(restarts) > 0:
+        logger.warning(
+            "torchrun --max-restarts %s with the agent's shared store: a restarted rank may read a dead "
+            "peer's address and fail to connect. Launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "(scripts/launch and gradsparse-train set it).",
+            restarts,
+        )
+        return True
+    return False
+
+
 def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> LaunchInfo:
     """Initialise the default process group from the launcher's environment.
 
@@ -117,6 +138,7 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.t
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise RuntimeError(f"launched by {info.launcher}, but {var} is not set")
+    _warn_shared_elastic_store(os.environ)
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -49,7 +51,7 @@ _VALUE_PARAM = {
     "threshold": "threshold",
     "variance": "alpha",
 }
-_CHECKPOINT_FORMAT = "gradsparse-train/1"
+_CHECKPOINT_FORMAT = "gradsparse-train/2"
 
 
 class UsageError(ValueError):
@@ -207,15 +209,17 @@ def train(config: RunConfig, args: argparse.Namespace, seed: int) -> List[Dict[s
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
     steps_per_epoch = math.ceil(len(y_train) / (args.batch_size * world))
     start_epoch, start_step, records = 0, 0, []
+    resumed_loss = torch.zeros(2)
     ckpt_path = _checkpoint_path(Path(args.out), config, seed)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # an elastic restart resumes
     if (args.resume or restarted) and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, args.model)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        if state is not None:  # every rank has its own residuals
-            own = ckpt_path.with_name(ckpt_path.stem + f".rank{rank}.pt") if rank else ckpt_path
-            state.load_state_dict(torch.load(own, map_location="cpu", weights_only=True)["hook"])
+        own = _load_own_state(ckpt_path, ckpt, rank, world)  # residuals differ by rank
+        if state is not None:
+            state.load_state_dict(own["hook"])
+        resumed_loss = own["epoch_loss"]
         if masker is not None:
             if ckpt.get("masks") is None:
                 raise UsageError(f"checkpoint {ckpt_path} has no masks, but --mask-sparsity is set")
@@ -230,7 +234,7 @@ def train(config: RunConfig, args: argparse.Namespace, seed: int) -> List[Dict[s
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed * 10_007 + epoch))
         mine = order[rank::world]
         ddp.train()
-        total = torch.zeros(2)
+        total = resumed_loss.clone() if epoch == start_epoch else torch.zeros(2)
         for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
             idx = mine[step * args.batch_size : (step + 1) * args.batch_size]
             opt.zero_grad()
@@ -245,9 +249,9 @@ def train(config: RunConfig, args: argparse.Namespace, seed: int) -> List[Dict[s
             total += torch.tensor([float(loss.detach()) * idx.numel(), idx.numel()])
             global_step += 1
             progress.update(1)
-            if args.checkpoint_every and global_step % args.checkpoint_every == 0:
-                done_epoch, done_step = (epoch + 1, 0) if step + 1 == steps_per_epoch else (epoch, step + 1)
-                _checkpoint(ckpt_path, rank, model, opt, state, masker, args, config, done_epoch, done_step, records)
+            # (the last step of an epoch is checkpointed below, with the epoch's record)
+            if args.checkpoint_every and global_step % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                _checkpoint(ckpt_path, rank, model, opt, state, masker, args, config, epoch, step + 1, records, total)
         dist.all_reduce(total)
         record = _evaluate(model, x_test, y_test, epoch, total, n_params, world, global_step, state, started)
         record["weight_sparsity"] = masker.global_sparsity() if masker is not None else 0.0
@@ -256,7 +260,7 @@ def train(config: RunConfig, args: argparse.Namespace, seed: int) -> List[Dict[s
             for key in ("loss", "test_accuracy", "mb_sent", "compression_ratio", "density", "residual_norm"):
                 writer.add_scalar(f"{config.label}/{key}", record[key], epoch + 1)
         if args.checkpoint_every:
-            _checkpoint(ckpt_path, rank, model, opt, state, masker, args, config, epoch + 1, 0, records)
+            _checkpoint(ckpt_path, rank, model, opt, state, masker, args, config, epoch + 1, 0, records, torch.zeros(2))
     progress.close()
     if writer is not None:
         writer.close()
@@ -293,6 +297,10 @@ def _evaluate(
     }
 
 
+def _rank_file(path: Path, rank: int, epoch: int, step: int) -> Path:
+    return path.with_name(f"{path.stem}.rank{rank}.e{epoch}s{step}.pt")
+
+
 def _checkpoint(
     path: Path,
     rank: int,
@@ -305,10 +313,22 @@ def _checkpoint(
     epoch: int,
     step: int,
     records: List[Dict[str, Any]],
+    epoch_loss: torch.Tensor,
 ) -> None:
-    """Rank 0 writes model and optimizer (identical everywhere) with its hook state; the
-    residuals differ by rank, so each rank also writes its own hook state next to it."""
+    """Write a checkpoint that a crash at any moment leaves consistent.
+
+    Residuals (and this epoch's partial loss sums) differ by rank: ranks > 0 first write
+    their own hook state to a file named by
+    the position (epoch, step). Rank 0 then writes the main file (model, optimizer and masks,
+    identical everywhere, with its own hook state), which is the commit point: it names the
+    position, so a restart reads either the old checkpoint with the old per-rank files or the
+    new one with the new files, never a mix. Older per-rank files go only after the commit.
+    """
     hook = state.state_dict() if state is not None else None
+    if rank != 0:
+        mine = {"hook": hook, "epoch_loss": epoch_loss, "epoch": epoch, "step": step}
+        _save_checkpoint(_rank_file(path, rank, epoch, step), mine)
+    dist.barrier()  # every rank's state is on disk before the main file names it
     if rank == 0:
         _save_checkpoint(
             path,
@@ -316,19 +336,44 @@ def _checkpoint(
                 "format": _CHECKPOINT_FORMAT,
                 "model_name": args.model,
                 "config": config.label,
+                "world_size": dist.get_world_size(),
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "hook": hook,
+                "epoch_loss": epoch_loss,
                 "masks": masker.state_dict() if masker is not None else None,
                 "epoch": epoch,
                 "step": step,
                 "records": records,
             },
         )
-    dist.barrier()
-    if rank != 0 and hook is not None:  # ranks > 0 keep their residuals in their own file
-        _save_checkpoint(path.with_name(path.stem + f".rank{rank}.pt"), {"hook": hook})
-    dist.barrier()
+    dist.barrier()  # committed
+    if rank != 0:
+        current = _rank_file(path, rank, epoch, step)
+        for old in path.parent.glob(f"{path.stem}.rank{rank}.e*.pt"):
+            if old != current:
+                old.unlink(missing_ok=True)
+
+
+def _load_own_state(path: Path, ckpt: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
+    """This rank's part (``hook``, ``epoch_loss``) of the checkpoint ``ckpt`` read from ``path``."""
+    if ckpt.get("world_size", world) != world:
+        raise UsageError(
+            f"checkpoint {path} was written by {ckpt['world_size']} ranks, this run has {world}: "
+            "residuals are per rank, so resume with the same number of ranks"
+        )
+    if rank == 0:
+        return ckpt
+    own = _rank_file(path, rank, ckpt["epoch"], ckpt["step"])
+    if not own.exists():
+        raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, step {ckpt['step']}, but {own} is missing")
+    try:
+        mine = torch.load(own, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"cannot load checkpoint {own}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(mine, dict) or (mine.get("epoch"), mine.get("step")) != (ckpt["epoch"], ckpt["step"]):
+        raise UsageError(f"{own} does not belong to checkpoint {path}")
+    return mine
 
 
 def _progress(rank: int, total: int, label: str, initial: int) -> Any:
@@ -364,7 +409,7 @@ def _worker(args: argparse.Namespace) -> Optional[List[Dict[str, Any]]]:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
     if not dist.is_initialized():
-        init_distributed(backend="gloo")
+        init_distributed(backend="gloo", timeout=datetime.timedelta(seconds=args.timeout))
     rows: List[Dict[str, Any]] = []
     try:
         for spec in args.compare.split(","):
@@ -375,9 +420,41 @@ def _worker(args: argparse.Namespace) -> Optional[List[Dict[str, Any]]]:
     except KeyboardInterrupt:
         logger.warning("rank %d: interrupted; stopping", dist.get_rank())
         raise SystemExit(130) from None
+    except RuntimeError as exc:
+        reason = _peer_failure(exc)
+        if reason is None:
+            raise
+        if args.verbose:
+            logger.exception("rank %d: collective failed", dist.get_rank())
+        print(
+            f"gradsparse-train: error: rank {dist.get_rank()}: {reason}. Checkpoints (if any) are in "
+            f"{args.out}: resume with --resume, or run with --max-restarts",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        # A process group with a dead peer cannot be torn down cleanly (destroy and DDP's
+        # pending futures may block or abort): leave now, as the failure it is.
+        os._exit(1)
     rank = dist.get_rank()
     dist.destroy_process_group()
     return rows if rank == 0 else None
+
+
+_PEER_FAILURE = re.compile(r"(connection (reset|closed|refused)|broken pipe|timed out|timeout|peer)", re.IGNORECASE)
+
+
+def _peer_failure(exc: BaseException) -> Optional[str]:
+    """A one-line description when ``exc`` is a lost or unresponsive peer, else None."""
+    text = str(exc)
+    if not _PEER_FAILURE.search(text):
+        return None
+    lines = [ln for ln in text.splitlines() if _PEER_FAILURE.search(ln)]
+    detail = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", lines[0])  # drop C++ source locations
+    detail = detail.replace("Got the following error when running the callback: ", "")
+    detail = re.sub(r"^(RuntimeError|DistBackendError): ", "", detail.strip())
+    detail = detail.split(". ")[0].rstrip(".")  # gloo appends generic advice after the first sentence
+    return "a peer rank died or stopped responding during a collective (" + detail[:300] + ")"
 
 
 def _launch_local(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -398,6 +475,9 @@ def _launch_local(args: argparse.Namespace) -> List[Dict[str, Any]]:
         monitor_interval=0.5,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Each rendezvous round gets its own store (rank 0 hosts it). With the agent's shared
+    # store, keys survive a restart and a restarted rank can read a dead peer's address.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     results = elastic_launch(config, _worker)(args)
     return results[0] or []
 
@@ -525,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="elastic restarts of failed ranks (resume from checkpoints)",
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="collective timeout: a rank waiting this long on a peer fails instead of hanging (default 300)",
+    )
     p.add_argument("--tensorboard", default=None, metavar="DIR")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -545,6 +632,8 @@ def _validate(args: argparse.Namespace) -> None:
     for name in ("epochs", "batch_size", "ranks"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.timeout > 0 or not math.isfinite(args.timeout):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.max_restarts and not args.checkpoint_every:
         raise UsageError("--max-restarts needs --checkpoint-every N, or a restarted rank would start over")
     if not 0.0 <= args.mask_sparsity < 1.0:

@@ -2,20 +2,28 @@
 
 import csv
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from gradsparse.train import main
+from gradsparse.train import _CHECKPOINT_FORMAT, UsageError, _load_own_state, _peer_failure, _rank_file, main
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    return env
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = _env()
     cmd = [sys.executable, "-m", "gradsparse.train", "--ranks", "2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -58,6 +66,157 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     ]
 
 
+def _final_state(out: Path):
+    ckpt = torch.load(out / "checkpoints" / "topk_0.05-seed0.pt", weights_only=True)
+    files = sorted((out / "checkpoints").glob("topk_0.05-seed0.rank*.pt"))
+    return ckpt, [torch.load(f, weights_only=True)["hook"] for f in files]
+
+
+def _children(parent: int, marker: bytes) -> list:
+    """Child processes of ``parent`` whose command line contains ``marker``."""
+    ranks = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and marker in cmdline:
+            ranks.append(int(stat.parent.name))
+    return sorted(ranks)
+
+
+@pytest.mark.parametrize("ranks", [3])
+def test_a_rank_killed_by_sigkill_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, ranks):
+    """--max-restarts: the elastic agent restarts the ranks, they resume from the last
+    checkpoint (weights, optimizer, per-rank residuals, step) and end bit-identical."""
+    common = ["--ranks", str(ranks), "--compare", "topk:0.05", "--epochs", "3", "--checkpoint-every", "4"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cmd = [sys.executable, "-m", "gradsparse.train", *common, "--verbose"]
+    done = subprocess.run(
+        [*cmd, "--out", str(straight)], env=_env(), capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [*cmd, "--max-restarts", "1", "--out", str(killed)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = killed / "checkpoints" / "topk_0.05-seed0.pt"
+        deadline = time.monotonic() + 300
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victims = _children(proc.pid, b"spawn_main")  # the ranks the elastic launcher spawned
+        assert len(victims) == ranks, victims
+        os.kill(victims[-1], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-5000:]
+    # the agent saw a rank fail: the victim (-9), or a survivor that lost it first (exit code 1)
+    assert "failed (exitcode: " in out, out[-5000:]
+    resumed = re.findall(r"resumed topk:0.05 \(seed 0\) at epoch (\d+), step (\d+)", out)
+    assert len(resumed) == ranks, out[-5000:]  # every rank of the restarted group resumed
+    assert all((int(e), int(s)) < (3, 0) for e, s in resumed)  # from the middle of the run
+
+    a, a_ranks = _final_state(straight)
+    b, b_ranks = _final_state(killed)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 0)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert len(a_ranks) == len(b_ranks) == ranks - 1  # old per-rank files were cleaned up
+    for hook_a, hook_b in zip([a["hook"], *a_ranks], [b["hook"], *b_ranks]):
+        for name, tensor in hook_a["error_feedback"]["residuals"].items():
+            assert torch.equal(tensor, hook_b["error_feedback"]["residuals"][name]), name
+    keep = ("epoch", "test_accuracy", "loss", "mb_sent")
+    assert [[r[k] for k in keep] for r in rows(straight)] == [[r[k] for k in keep] for r in rows(killed)]
+
+
+def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_with_one_clear_line(tmp_path):
+    """Two torchrun agents (two "nodes", one rank each, c10d rendezvous on loopback): SIGKILL the
+    rank of one; the other is in a collective with a dead peer and must fail well within the
+    collective timeout, saying what happened, instead of hanging."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    timeout = 60.0
+    agents, logs = [], []
+    for node in (0, 1):
+        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
+        logs.append(log)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
+        cmd += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+        cmd += ["--rdzv-id", "sigkill-test", "-m", "gradsparse.train", "--epochs", "50", "--checkpoint-every", "2"]
+        cmd += ["--timeout", str(timeout), "--out", str(tmp_path / "out")]
+        agents.append(subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+    try:
+        ckpt = tmp_path / "out" / "checkpoints" / "topk-seed0.pt"
+        deadline = time.monotonic() + 300
+        while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+            time.sleep(0.02)
+        assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
+        (victim,) = _children(agents[1].pid, b"gradsparse.train")
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        survivor = agents[0].wait(timeout=2 * timeout)
+        detected = time.monotonic() - killed_at
+        agents[1].wait(timeout=60)
+    finally:
+        for agent in agents:
+            agent.kill()
+        for log in logs:
+            log.close()
+    out = (tmp_path / "node0.log").read_text()
+    assert survivor != 0
+    assert detected < timeout / 4, detected  # a dead peer is seen at once, not at the timeout
+    assert "gradsparse-train: error: rank 0: a peer rank died or stopped responding" in out, out[-3000:]
+    assert "[rank0]: Traceback" not in out  # one line from the rank, not a stack
+
+
+@pytest.mark.parametrize(
+    "message,expected",
+    [
+        (
+            "Got the following error when running the callback: RuntimeError: [/x/gloo/pair.cc:537] Read error "
+            "[127.0.0.1]:18076: Connection reset by peer. This is typically caused by a remote worker hanging",
+            "(Read error [127.0.0.1]:18076: Connection reset by peer)",
+        ),
+        ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv operation", "Timed out"),
+        ("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)", None),
+    ],
+)
+def test_peer_failures_are_told_apart_from_other_errors(message, expected):
+    reason = _peer_failure(RuntimeError(message))
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason and ".cc:" not in reason, reason
+
+
+def test_a_crash_between_per_rank_files_and_the_commit_resumes_the_previous_checkpoint(tmp_path):
+    main_file = tmp_path / "cfg-seed0.pt"
+    ckpt = {"world_size": 2, "epoch": 1, "step": 0, "hook": {"who": "rank0"}}
+    torch.save({"hook": {"who": "old"}, "epoch": 1, "step": 0}, _rank_file(main_file, 1, 1, 0))
+    # rank 1 already wrote the next position when the job died; the main file still names (1, 0)
+    torch.save({"hook": {"who": "new"}, "epoch": 1, "step": 4}, _rank_file(main_file, 1, 1, 4))
+    assert _load_own_state(main_file, ckpt, 1, 2)["hook"] == {"who": "old"}
+    assert _load_own_state(main_file, ckpt, 0, 2)["hook"] == {"who": "rank0"}
+    with pytest.raises(UsageError, match="written by 2 ranks, this run has 3"):
+        _load_own_state(main_file, ckpt, 1, 3)
+    _rank_file(main_file, 1, 1, 0).unlink()
+    with pytest.raises(UsageError, match="is missing"):
+        _load_own_state(main_file, ckpt, 1, 2)
+    torch.save({"hook": {}, "epoch": 0, "step": 8}, _rank_file(main_file, 1, 1, 0))  # renamed by hand
+    with pytest.raises(UsageError, match="does not belong to checkpoint"):
+        _load_own_state(main_file, ckpt, 1, 2)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -80,7 +239,7 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
 def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     ckpt = tmp_path / "checkpoints" / "topk_0.01-seed0.pt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"format": "gradsparse-train/1", "model_name": "mlp"}, ckpt)
+    torch.save({"format": _CHECKPOINT_FORMAT, "model_name": "mlp"}, ckpt)
     assert main(["--compare", "topk:0.01", "--model", "cnn", "--resume", "--out", str(tmp_path)]) == 2
     assert "was saved for model 'mlp', not 'cnn'" in capsys.readouterr().err
 

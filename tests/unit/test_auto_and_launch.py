@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 
 from gradsparse.comm.auto import AutoCollective, LinkModel, predict
@@ -89,3 +91,20 @@ def test_inconsistent_environment_is_refused():
         detect_launcher({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="must be an integer"):
         detect_launcher({"RANK": "one", "WORLD_SIZE": "4"})
+
+
+@pytest.mark.parametrize(
+    "env,warns",
+    [
+        ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}, True),
+        ({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "3"}, False),
+        ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"}, False),
+        ({}, False),
+    ],
+)
+def test_restarts_into_torchruns_shared_store_are_warned_about(env, warns, caplog):
+    from gradsparse.launch import _warn_shared_elastic_store
+
+    with caplog.at_level(logging.WARNING, logger="gradsparse.launch"):
+        assert _warn_shared_elastic_store(env) is warns
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) is warns

@@ -1,0 +1,168 @@
+"""gradsparse-bench as a user runs it without root (--loopback), and what it listens on."""
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+from gradsparse.cluster import NETWORK
+
+
+def _descendants(root: int) -> List[int]:
+    parents: Dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _socket_inodes(pid: int) -> Set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:  # the process ended meanwhile
+        pass
+    return inodes
+
+
+def _local_addresses(pid: str = "self") -> Dict[str, str]:
+    """inode -> local IP of every TCP socket in the network namespace of ``pid``."""
+    out = {}
+    for table, width in ((f"/proc/{pid}/net/tcp", 8), (f"/proc/{pid}/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:  # the process ended meanwhile
+            continue
+        for line in lines:
+            fields = line.split()
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(words) if width == 8 else ipaddress.IPv6Address(words)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out[fields[9]] = str(addr)
+    return out
+
+
+def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loopback(tmp_path):
+    cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--loopback", "--world-sizes", "2"]
+    cmd += ["--sizes", "2e5", "--densities", "0.01,0.1", "--collectives", "allgather,oktopk,auto"]
+    cmd += ["--baselines", "ddp,fp16", "--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: Dict[str, str] = {}
+    try:
+        while proc.poll() is None:
+            inodes = set().union(*(_socket_inodes(p) for p in [proc.pid, *_descendants(proc.pid)]))
+            addresses = _local_addresses()
+            seen.update({i: addresses[i] for i in inodes if i in addresses})
+            time.sleep(0.05)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert seen, "no TCP socket of the benchmark ranks was observed"
+    assert set(seen.values()) <= {"127.0.0.1", "::1"}, seen
+
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in rows} >= {"ddp", "fp16"}
+    assert len(rows) == 2 + 2 * 3
+    assert all(r["correct"] for r in rows), [(r["label"], r["check"]) for r in rows if not r["correct"]]
+    assert all(r["median_s"] > 0 and r["bytes_per_rank"] > 0 for r in rows)
+    sparse = [r for r in rows if r["method"] == "sparse"]
+    ddp = next(r for r in rows if r["method"] == "ddp")
+    at_1pct = [r for r in sparse if r["density"] == 0.01 and r["collective"] != "auto"]
+    assert at_1pct and all(r["bytes_per_rank"] < ddp["bytes_per_rank"] / 5 for r in at_1pct)
+    for name in ("results.csv", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "time_vs_density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _can_build_namespaces() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "gsbprobe"], check=False, capture_output=True)
+    subprocess.run(["ip", "netns", "del", "gsbprobe"], check=False, capture_output=True)
+    return probe.returncode == 0
+
+
+def _namespaces() -> Set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.startswith("gsb")}
+
+
+def _watch_sockets(proc: subprocess.Popen, seen: Dict[str, str], until=lambda: False) -> None:
+    while proc.poll() is None and not until():
+        for pid in _descendants(proc.pid):
+            addresses = _local_addresses(str(pid))
+            seen.update({i: addresses[i] for i in _socket_inodes(pid) if i in addresses})
+        time.sleep(0.05)
+
+
+needs_root = pytest.mark.skipif(not _can_build_namespaces(), reason="needs root and network namespaces")
+
+
+@needs_root
+def test_shaped_cluster_run_binds_inside_its_namespaces_and_tears_them_down(tmp_path):
+    assert not _namespaces(), "a gsb* namespace already exists; run gradsparse-bench cluster down"
+    cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--world-sizes", "2", "--rates", "1gbit"]
+    cmd += ["--sizes", "2e5", "--densities", "0.01", "--collectives", "allgather", "--baselines", "ddp"]
+    cmd += ["--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: Dict[str, str] = {}
+    try:
+        _watch_sockets(proc, seen)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert seen, "no TCP socket of the benchmark ranks was observed"
+    ours = {ipaddress.ip_address(a) for a in seen.values()}
+    assert all(a in NETWORK or a.is_loopback for a in ours), seen
+    assert any(a in NETWORK for a in ours)  # the ranks talked over their shaped veths
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert all(r["correct"] for r in rows) and {r["rate"] for r in rows} == {"1gbit"}
+    assert not _namespaces(), "namespaces left behind"
+
+
+@needs_root
+def test_ctrl_c_in_the_middle_of_a_cluster_run_still_tears_everything_down(tmp_path):
+    assert not _namespaces()
+    cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--world-sizes", "2", "--rates", "100mbit"]
+    cmd += ["--sizes", "4e6", "--densities", "0.1", "--collectives", "allgather", "--baselines", "ddp"]
+    cmd += ["--warmup", "1", "--iters", "50", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_namespaces()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(_namespaces()) == 3  # two ranks and the bridge
+        time.sleep(1.0)  # the ranks are running
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert not _namespaces(), "namespaces left behind after Ctrl-C"
+    assert not _descendants(proc.pid)
