@@ -3,21 +3,27 @@ candidate threshold, and threshold estimation on a sample.
 
 ``torch.topk`` on a large 1-D tensor is single-threaded and slow (about 400 ms for 1% of
 25M floats here). Exact selection instead estimates a threshold on a small fixed random
-sample that keeps slightly more than k entries, gathers those candidates with one
-compare and ``nonzero``, and sorts only the candidates. Ties go to the lower index.
+sample that keeps slightly more than k entries, gathers those candidates, and cuts them
+at the k-th largest value without sorting. Ties go to the lower index.
+
+Magnitudes are computed only where they are needed (:class:`Magnitudes`): on the sample,
+on the candidates, and in the gathering pass, which is one compiled read pass over the
+tensor when numba is installed (see ``_kernels``) and ``abs``, a compare and ``nonzero``
+otherwise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from gradsparse.compressors import _kernels
 from gradsparse.compressors.base import CompressorState
 
-__all__ = ["magnitudes", "sample_threshold", "topk_indices", "indices_at_least"]
+__all__ = ["Magnitudes", "magnitudes", "sample_threshold", "topk_indices", "indices_at_least"]
 
 #: below this many entries a full stable sort is cheap enough
 SORT_LIMIT = 1 << 16
@@ -29,17 +35,76 @@ SAMPLE_FRACTION = 8
 _SAMPLE_SEED = 0x5EED
 
 
-def magnitudes(tensor: torch.Tensor, state: Optional[CompressorState]) -> torch.Tensor:
-    """|tensor| into a reused scratch buffer when a state is given."""
-    if state is None:
-        return tensor.abs()
-    return torch.abs(tensor, out=state.work("abs", tensor))
+class Magnitudes:
+    """``|x|`` of a flat tensor, computed only where it is needed: at given positions,
+    or as the ascending positions where it reaches a threshold."""
+
+    def __init__(self, x: torch.Tensor, state: Optional[CompressorState] = None) -> None:
+        self.signed = x
+        self.state = state
+        self._full: Optional[torch.Tensor] = None
+
+    def numel(self) -> int:
+        return self.signed.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.signed.device
+
+    def full(self) -> torch.Tensor:
+        """Every magnitude, materialised (into a reused scratch buffer with a state)."""
+        if self._full is None:
+            state, x = self.state, self.signed
+            self._full = x.abs() if state is None else torch.abs(x, out=state.work("abs", x))
+        return self._full
+
+    def take(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._full is not None:
+            return torch.index_select(self._full, 0, positions)
+        return torch.index_select(self.signed, 0, positions).abs_()
+
+    def at_least(self, threshold: float) -> torch.Tensor:
+        """Ascending int64 positions with ``|x| >= threshold`` (never NaN ones)."""
+        indices, _ = self.gather_up_to(threshold, None)
+        assert indices is not None
+        return indices
+
+    def gather_up_to(self, threshold: float, limit: Optional[int]) -> Tuple[Optional[torch.Tensor], int]:
+        """``(positions, count)`` of ``|x| >= threshold``; the positions are None when the
+        count exceeds ``limit``, so that a threshold that is too low costs one pass."""
+        x, state = self.signed, self.state
+        if self._full is None and x.device.type == "cpu":
+            key = "collect"
+            out = state.scratch.get(key) if state is not None else None
+            if out is None:
+                out = torch.empty(max(1024, x.numel() // 64), dtype=torch.int64)
+            count = _kernels.collect_abs_at_least(x, threshold, out)
+            if count is not None:
+                if limit is not None and count > limit:
+                    return None, count
+                if count > out.numel():  # more than fit: grow, and gather again
+                    out = torch.empty(count + count // 4, dtype=torch.int64)
+                    count = _kernels.collect_abs_at_least(x, threshold, out)
+                    assert count is not None and count <= out.numel()
+                if state is not None:
+                    state.scratch[key] = out
+                return out[:count].clone(), count
+        mag = self.full()
+        mask = mag >= threshold if state is None else torch.ge(mag, threshold, out=state.work("mask", mag, torch.bool))
+        indices = flat_nonzero(mask)
+        count = indices.numel()
+        return (None if limit is not None and count > limit else indices), count
 
 
-def _mask(mag: torch.Tensor, threshold: float, state: Optional[CompressorState]) -> torch.Tensor:
-    if state is None:
-        return mag >= threshold
-    return torch.ge(mag, threshold, out=state.work("mask", mag, torch.bool))
+def magnitudes(tensor: torch.Tensor, state: Optional[CompressorState]) -> Magnitudes:
+    """The magnitudes of ``tensor``, computed lazily (see :class:`Magnitudes`)."""
+    return Magnitudes(tensor, state)
+
+
+def _take(mag: Union[Magnitudes, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    if isinstance(mag, Magnitudes):
+        return mag.take(positions)
+    return torch.index_select(mag, 0, positions)
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
@@ -50,12 +115,12 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).squeeze(1)
 
 
-def indices_at_least(mag: torch.Tensor, threshold: float, state: Optional[CompressorState]) -> torch.Tensor:
-    """Ascending indices of entries with ``mag >= threshold``."""
-    return flat_nonzero(_mask(mag, threshold, state))
+def indices_at_least(mag: Magnitudes, threshold: float, state: Optional[CompressorState] = None) -> torch.Tensor:
+    """Ascending indices of entries with ``|x| >= threshold``."""
+    return mag.at_least(threshold)
 
 
-def _sample(mag: torch.Tensor, target: int, state: Optional[CompressorState]) -> torch.Tensor:
+def _sample(mag: Magnitudes, target: int, state: Optional[CompressorState]) -> torch.Tensor:
     """A fixed pseudo-random sample of ``mag``, sorted descending. Its positions depend
     only on numel, so every rank and every run draws the same ones."""
     n = mag.numel()
@@ -69,11 +134,11 @@ def _sample(mag: torch.Tensor, target: int, state: Optional[CompressorState]) ->
             for stale in [k for k in state.scratch if k.startswith("sample_positions:")]:
                 del state.scratch[stale]
             state.scratch[key] = positions
-    return torch.sort(mag[positions], descending=True).values
+    return torch.sort(mag.take(positions), descending=True).values
 
 
 def sample_threshold(
-    mag: torch.Tensor,
+    mag: Magnitudes,
     target: int,
     state: Optional[CompressorState] = None,
     *,
@@ -92,12 +157,12 @@ def sample_threshold(
     return float(sample[rank - 1])
 
 
-def _top_of_candidates(mag: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+def _top_of_candidates(mag: Union[Magnitudes, torch.Tensor], candidates: torch.Tensor, k: int) -> torch.Tensor:
     """The k ascending ``candidates`` of largest magnitude, ties to the lower index, still
     ascending. No sort: cut at the k-th largest value, then keep the first of the tied."""
     if candidates.numel() <= k:
         return candidates
-    values = torch.index_select(mag, 0, candidates)
+    values = _take(mag, candidates)
     kth = torch.kthvalue(values, candidates.numel() - k + 1).values
     above = values > kth
     tied = values == kth
@@ -106,8 +171,8 @@ def _top_of_candidates(mag: torch.Tensor, candidates: torch.Tensor, k: int) -> t
     return candidates[keep]
 
 
-def topk_indices(mag: torch.Tensor, k: int, state: Optional[CompressorState] = None) -> torch.Tensor:
-    """Ascending indices of exactly ``k`` largest entries of the non-negative ``mag``.
+def topk_indices(mag: Magnitudes, k: int, state: Optional[CompressorState] = None) -> torch.Tensor:
+    """Ascending indices of exactly ``k`` entries of largest magnitude.
 
     Raises ``ValueError`` when fewer than ``k`` entries are comparable (NaN present)."""
     n = mag.numel()
@@ -116,7 +181,7 @@ def topk_indices(mag: torch.Tensor, k: int, state: Optional[CompressorState] = N
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=mag.device)
     if n <= SORT_LIMIT:
-        candidates = flat_nonzero(mag >= 0)
+        candidates = mag.at_least(0.0)
         if k > candidates.numel():
             raise ValueError("cannot select top-k: the tensor holds NaN entries")
         return _top_of_candidates(mag, candidates, k)

@@ -11,6 +11,7 @@ import torch
 from gradsparse._validate import check_density, check_int, check_probability
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
 from gradsparse.compressors.selection import (
+    Magnitudes,
     _sample,
     _top_of_candidates,
     indices_at_least,
@@ -20,6 +21,9 @@ from gradsparse.compressors.selection import (
 from gradsparse.payload import SparsePayload
 
 __all__ = ["TopK", "SampledTopK"]
+
+#: reuse the previous step's threshold while the sample expects this many times k from it
+_REUSE_BAND = (0.75, 1.33)
 
 
 @dataclass(frozen=True)
@@ -77,19 +81,21 @@ class SampledTopK(Compressor):
         indices = self._select(mag, k, low, high, state)
         return make_payload(flat, indices, ascending=True)
 
-    def _select(self, mag: torch.Tensor, k: int, low: int, high: int, state: Optional[CompressorState]) -> torch.Tensor:
+    def _select(self, mag: Magnitudes, k: int, low: int, high: int, state: Optional[CompressorState]) -> torch.Tensor:
         previous = state.scalars.get("threshold") if (state is not None and self.reuse_threshold) else None
-        sample: Optional[torch.Tensor] = None
         too_many, too_few = 0.0, math.inf  # thresholds known to keep > high and < low entries
+        n = mag.numel()
+        sample = _sample(mag, k, state)  # small and cheap next to one pass over the tensor
+        threshold = self._propose(sample, n, k)
         if previous is not None and previous > 0:
-            threshold = float(previous)
-        else:
-            sample = _sample(mag, k, state)
-            threshold = self._propose(sample, mag.numel(), k)
+            # Reuse the last threshold unless the sample says it drifted far (error
+            # feedback makes magnitudes grow between steps): a wrong start costs a pass.
+            expected = int(torch.count_nonzero(sample >= previous)) * n / sample.numel()
+            if _REUSE_BAND[0] * k <= expected <= _REUSE_BAND[1] * k:
+                threshold = float(previous)
         for _ in range(self.max_refinements + 1):
-            selected = indices_at_least(mag, threshold, state)  # the count is its length
-            count = selected.numel()
-            if low <= count <= high:
+            selected, count = mag.gather_up_to(threshold, high)
+            if selected is not None and low <= count:
                 if state is not None:
                     state.scalars["threshold"] = threshold
                 return selected
@@ -97,9 +103,7 @@ class SampledTopK(Compressor):
                 too_many = max(too_many, threshold)
             else:
                 too_few = min(too_few, threshold)
-            if sample is None:
-                sample = _sample(mag, k, state)
-            guess = self._rescale(sample, mag.numel(), k, threshold, count)
+            guess = self._rescale(sample, n, k, threshold, count)
             threshold = self._bracket(guess, too_many, too_few)
         # Not converged (heavy ties or a pathological distribution): take the exact top-k.
         if too_many > 0.0:
@@ -108,7 +112,7 @@ class SampledTopK(Compressor):
         else:
             indices = topk_indices(mag, k, state)
         if state is not None:
-            state.scalars["threshold"] = float(mag[indices].min())
+            state.scalars["threshold"] = float(mag.take(indices).min())
         return indices
 
     @staticmethod

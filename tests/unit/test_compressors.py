@@ -258,3 +258,40 @@ def test_hostile_input_round_trips_or_raises_clearly(name, shape, dtype, density
     assert torch.equal(torch.nan_to_num(sent), torch.nan_to_num(payload.values))
     dense = comp.decompress(payload)
     assert dense.numel() == flat.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_gathering_pass_matches_torch_with_and_without_the_compiled_kernel(dtype):
+    """Magnitudes.at_least (compiled one-pass kernel when numba is there) == abs, ge, nonzero."""
+    from gradsparse.compressors import _kernels
+    from gradsparse.compressors.base import CompressorState
+    from gradsparse.compressors.selection import Magnitudes
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50_000, generator=gen).to(dtype)
+    x[::997] = 1.5  # ties
+    x[5], x[6], x[7], x[8] = float("nan"), float("inf"), float("-inf"), -0.0
+    state = CompressorState("k")
+    for threshold in (0.0, 1.5, 2.0, 1e-30, 10.0, float("inf")):
+        expected = torch.nonzero(x.abs() >= threshold).squeeze(1)
+        for cstate in (None, state):
+            got = Magnitudes(x, cstate).at_least(threshold)
+            assert got.dtype == torch.int64 and torch.equal(got, expected), (threshold, cstate)
+    # more hits than the reused buffer holds: it grows and gathers again
+    state.scratch["collect"] = torch.empty(10, dtype=torch.int64)
+    assert torch.equal(Magnitudes(x, state).at_least(0.0), torch.nonzero(x.abs() >= 0).squeeze(1))
+    if dtype in (torch.float32, torch.float64) and _kernels.available():
+        assert _kernels.collect_abs_at_least(x, 1.5, torch.empty(4, dtype=torch.int64)) == int((x.abs() >= 1.5).sum())
+    assert _kernels.collect_abs_at_least(x[::2], 1.5, torch.empty(4, dtype=torch.int64)) is None  # not contiguous
+
+
+def test_compressors_give_the_same_payload_with_and_without_the_compiled_kernel(monkeypatch):
+    from gradsparse.compressors import _kernels
+
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(4))
+    names = {"topk": {"density": 0.01}, "sampled_topk": {"density": 0.01}, "threshold": {"threshold": 2.5}}
+    fast = {n: C.build(n, **kw).compress(x, CompressorState(n)) for n, kw in names.items()}
+    monkeypatch.setattr(_kernels, "collect_abs_at_least", lambda *args: None)
+    for name, kw in names.items():
+        slow = C.build(name, **kw).compress(x, CompressorState(name))
+        assert torch.equal(slow.indices, fast[name].indices) and torch.equal(slow.values, fast[name].values), name
