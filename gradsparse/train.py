@@ -159,12 +159,17 @@ def _save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
 
 
-def load_checkpoint(path: Path, model_name: str) -> Dict[str, Any]:
-    """Load with ``weights_only=True`` and check that it belongs to this model."""
+def _load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (nothing is unpickled); a clear error if not."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UsageError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_checkpoint(path: Path, model_name: str) -> Dict[str, Any]:
+    """Load with ``weights_only=True`` and check that it belongs to this model."""
+    ckpt = _load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a gradsparse-train checkpoint")
     if ckpt.get("model_name") != model_name:
@@ -367,10 +372,7 @@ def _load_own_state(path: Path, ckpt: Dict[str, Any], rank: int, world: int) -> 
     own = _rank_file(path, rank, ckpt["epoch"], ckpt["step"])
     if not own.exists():
         raise UsageError(f"checkpoint {path} is at epoch {ckpt['epoch']}, step {ckpt['step']}, but {own} is missing")
-    try:
-        mine = torch.load(own, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UsageError(f"cannot load checkpoint {own}: {type(exc).__name__}: {exc}") from None
+    mine = _load(own)
     if not isinstance(mine, dict) or (mine.get("epoch"), mine.get("step")) != (ckpt["epoch"], ckpt["step"]):
         raise UsageError(f"{own} does not belong to checkpoint {path}")
     return mine

@@ -23,7 +23,7 @@ import torch
 from gradsparse.compressors import _kernels
 from gradsparse.compressors.base import CompressorState
 
-__all__ = ["Magnitudes", "magnitudes", "sample_threshold", "topk_indices", "indices_at_least"]
+__all__ = ["Magnitudes", "sample_threshold", "topk_indices"]
 
 #: below this many entries a full stable sort is cheap enough
 SORT_LIMIT = 1 << 16
@@ -96,11 +96,6 @@ class Magnitudes:
         return (None if limit is not None and count > limit else indices), count
 
 
-def magnitudes(tensor: torch.Tensor, state: Optional[CompressorState]) -> Magnitudes:
-    """The magnitudes of ``tensor``, computed lazily (see :class:`Magnitudes`)."""
-    return Magnitudes(tensor, state)
-
-
 def _take(mag: Union[Magnitudes, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
     if isinstance(mag, Magnitudes):
         return mag.take(positions)
@@ -115,15 +110,10 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).squeeze(1)
 
 
-def indices_at_least(mag: Magnitudes, threshold: float, state: Optional[CompressorState] = None) -> torch.Tensor:
-    """Ascending indices of entries with ``|x| >= threshold``."""
-    return mag.at_least(threshold)
-
-
-def _sample(mag: Magnitudes, target: int, state: Optional[CompressorState]) -> torch.Tensor:
+def _sample(mag: Magnitudes, target: int) -> torch.Tensor:
     """A fixed pseudo-random sample of ``mag``, sorted descending. Its positions depend
     only on numel, so every rank and every run draws the same ones."""
-    n = mag.numel()
+    n, state = mag.numel(), mag.state
     m = min(n, max(MIN_SAMPLE, min(n // SAMPLE_FRACTION, math.ceil(SAMPLE_HITS * n / max(target, 1)))))
     key = f"sample_positions:{n}:{m}"  # positions are valid only for this length
     positions = state.scratch.get(key) if state is not None else None
@@ -140,7 +130,6 @@ def _sample(mag: Magnitudes, target: int, state: Optional[CompressorState]) -> t
 def sample_threshold(
     mag: Magnitudes,
     target: int,
-    state: Optional[CompressorState] = None,
     *,
     margin: float = 0.0,
     sample: Optional[torch.Tensor] = None,
@@ -149,7 +138,7 @@ def sample_threshold(
     sigmas of sampling noise added, it keeps at least ``target`` with high probability."""
     n = mag.numel()
     if sample is None:
-        sample = _sample(mag, target, state)
+        sample = _sample(mag, target)
     m = sample.numel()
     expected = target * m / n
     rank = math.ceil(expected + margin * math.sqrt(expected) + (1 if margin else 0))
@@ -171,7 +160,7 @@ def _top_of_candidates(mag: Union[Magnitudes, torch.Tensor], candidates: torch.T
     return candidates[keep]
 
 
-def topk_indices(mag: Magnitudes, k: int, state: Optional[CompressorState] = None) -> torch.Tensor:
+def topk_indices(mag: Magnitudes, k: int) -> torch.Tensor:
     """Ascending indices of exactly ``k`` entries of largest magnitude.
 
     Raises ``ValueError`` when fewer than ``k`` entries are comparable (NaN present)."""
@@ -187,15 +176,15 @@ def topk_indices(mag: Magnitudes, k: int, state: Optional[CompressorState] = Non
         return _top_of_candidates(mag, candidates, k)
     margin = 3.0
     while True:
-        threshold = sample_threshold(mag, k, state, margin=margin)
-        candidates = indices_at_least(mag, threshold, state)
+        threshold = sample_threshold(mag, k, margin=margin)
+        candidates = mag.at_least(threshold)
         if candidates.numel() >= k:
             return _top_of_candidates(mag, candidates, k)
         if threshold <= 0.0:
             raise ValueError("cannot select top-k: the tensor holds NaN entries")
         margin *= 4.0
         if margin > 1e4:
-            candidates = indices_at_least(mag, 0.0, state)
+            candidates = mag.at_least(0.0)
             if candidates.numel() < k:
                 raise ValueError("cannot select top-k: the tensor holds NaN entries")
             return _top_of_candidates(mag, candidates, k)

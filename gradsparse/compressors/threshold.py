@@ -9,7 +9,7 @@ import torch
 
 from gradsparse._validate import check_density, check_nonnegative
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
-from gradsparse.compressors.selection import _top_of_candidates, indices_at_least, magnitudes
+from gradsparse.compressors.selection import Magnitudes, _top_of_candidates
 from gradsparse.payload import SparsePayload
 
 __all__ = ["Threshold"]
@@ -32,8 +32,8 @@ class Threshold(Compressor):
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)
-        mag = magnitudes(flat, state)
-        indices = indices_at_least(mag, float(self.threshold), state)
+        mag = Magnitudes(flat, state)
+        indices = mag.at_least(float(self.threshold))
         if self.max_density is not None:
             cap = k_for_density(self.max_density, flat.numel())
             if indices.numel() > cap:

@@ -14,8 +14,6 @@ from gradsparse.compressors.selection import (
     Magnitudes,
     _sample,
     _top_of_candidates,
-    indices_at_least,
-    magnitudes,
     topk_indices,
 )
 from gradsparse.payload import SparsePayload
@@ -42,7 +40,7 @@ class TopK(Compressor):
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)
         k = k_for_density(self.density, flat.numel())
-        return make_payload(flat, topk_indices(magnitudes(flat, state), k, state), ascending=True)
+        return make_payload(flat, topk_indices(Magnitudes(flat, state), k), ascending=True)
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class SampledTopK(Compressor):
         k = k_for_density(self.density, n)
         if k >= n or n == 0:
             return make_payload(flat, torch.arange(n, device=flat.device))
-        mag = magnitudes(flat, state)
+        mag = Magnitudes(flat, state)
         low = max(1, math.ceil((1.0 - self.tolerance) * k))
         high = max(low, math.floor((1.0 + self.tolerance) * k))
         indices = self._select(mag, k, low, high, state)
@@ -85,7 +83,7 @@ class SampledTopK(Compressor):
         previous = state.scalars.get("threshold") if (state is not None and self.reuse_threshold) else None
         too_many, too_few = 0.0, math.inf  # thresholds known to keep > high and < low entries
         n = mag.numel()
-        sample = _sample(mag, k, state)  # small and cheap next to one pass over the tensor
+        sample = _sample(mag, k)  # small and cheap next to one pass over the tensor
         threshold = self._propose(sample, n, k)
         if previous is not None and previous > 0:
             # Reuse the last threshold unless the sample says it drifted far (error
@@ -107,10 +105,10 @@ class SampledTopK(Compressor):
             threshold = self._bracket(guess, too_many, too_few)
         # Not converged (heavy ties or a pathological distribution): take the exact top-k.
         if too_many > 0.0:
-            candidates = indices_at_least(mag, too_many, state)
+            candidates = mag.at_least(too_many)
             indices = _top_of_candidates(mag, candidates, k)
         else:
-            indices = topk_indices(mag, k, state)
+            indices = topk_indices(mag, k)
         if state is not None:
             state.scalars["threshold"] = float(mag.take(indices).min())
         return indices

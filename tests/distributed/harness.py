@@ -7,13 +7,14 @@ import os
 import pickle
 import tempfile
 import traceback
-from typing import Any, Callable, List
+from pathlib import Path
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "flat_params", "gather_all"]
+__all__ = ["run_distributed", "flat_params", "gather_all", "descendants"]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float) -> None:
@@ -84,3 +85,27 @@ def gather_all(tensor: torch.Tensor) -> List[torch.Tensor]:
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(out, tensor.contiguous())
     return out
+
+
+def descendants(root: int, marker: bytes = b"", *, children_only: bool = False) -> List[int]:
+    """Processes below ``root`` (its children only, if asked) whose command line contains
+    ``marker``, in pid order, from /proc."""
+    parents: Dict[int, int] = {}
+    cmdlines: Dict[int, bytes] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):  # it ended meanwhile
+            continue
+        parents[pid], cmdlines[pid] = ppid, cmdline
+    found: List[int] = []
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        if not children_only:
+            frontier += kids
+    return sorted(p for p in found if marker in cmdlines[p])

@@ -8,27 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, Set
 
 import pytest
 
 from gradsparse.cluster import NETWORK
 
-
-def _descendants(root: int) -> List[int]:
-    parents: Dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == pid]
-        found += kids
-        frontier += kids
-    return found
+from .harness import descendants
 
 
 def _socket_inodes(pid: int) -> Set[str]:
@@ -74,7 +60,7 @@ def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loo
     seen: Dict[str, str] = {}
     try:
         while proc.poll() is None:
-            inodes = set().union(*(_socket_inodes(p) for p in [proc.pid, *_descendants(proc.pid)]))
+            inodes = set().union(*(_socket_inodes(p) for p in [proc.pid, *descendants(proc.pid)]))
             addresses = _local_addresses()
             seen.update({i: addresses[i] for i in inodes if i in addresses})
             time.sleep(0.05)
@@ -114,7 +100,7 @@ def _namespaces() -> Set[str]:
 
 def _watch_sockets(proc: subprocess.Popen, seen: Dict[str, str], until=lambda: False) -> None:
     while proc.poll() is None and not until():
-        for pid in _descendants(proc.pid):
+        for pid in descendants(proc.pid):
             addresses = _local_addresses(str(pid))
             seen.update({i: addresses[i] for i in _socket_inodes(pid) if i in addresses})
         time.sleep(0.05)
@@ -165,4 +151,4 @@ def test_ctrl_c_in_the_middle_of_a_cluster_run_still_tears_everything_down(tmp_p
         proc.kill()
     assert proc.returncode != 0
     assert not _namespaces(), "namespaces left behind after Ctrl-C"
-    assert not _descendants(proc.pid)
+    assert not descendants(proc.pid)

@@ -14,6 +14,8 @@ import torch
 
 from gradsparse.train import _CHECKPOINT_FORMAT, UsageError, _load_own_state, _peer_failure, _rank_file, main
 
+from .harness import descendants
+
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -72,20 +74,6 @@ def _final_state(out: Path):
     return ckpt, [torch.load(f, weights_only=True)["hook"] for f in files]
 
 
-def _children(parent: int, marker: bytes) -> list:
-    """Child processes of ``parent`` whose command line contains ``marker``."""
-    ranks = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and marker in cmdline:
-            ranks.append(int(stat.parent.name))
-    return sorted(ranks)
-
-
 @pytest.mark.parametrize("ranks", [3])
 def test_a_rank_killed_by_sigkill_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, ranks):
     """--max-restarts: the elastic agent restarts the ranks, they resume from the last
@@ -110,7 +98,7 @@ def test_a_rank_killed_by_sigkill_is_restarted_and_the_run_ends_as_an_uninterrup
         deadline = time.monotonic() + 300
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        victims = _children(proc.pid, b"spawn_main")  # the ranks the elastic launcher spawned
+        victims = descendants(proc.pid, b"spawn_main", children_only=True)  # the ranks the elastic launcher spawned
         assert len(victims) == ranks, victims
         os.kill(victims[-1], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -161,7 +149,7 @@ def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_wi
         while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
             time.sleep(0.02)
         assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
-        (victim,) = _children(agents[1].pid, b"gradsparse.train")
+        (victim,) = descendants(agents[1].pid, b"gradsparse.train", children_only=True)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         survivor = agents[0].wait(timeout=2 * timeout)
