@@ -2,7 +2,7 @@
 
 Collectives take a :class:`~gradsparse.payload.SparsePayload` and a :class:`Backend` and
 return the sum across ranks, bit-identical on every rank and every backend, with byte
-accounting. They know nothing about compressors.
+accounting. They know nothing about compressors or hooks.
 
 =====================  ==========================================================
 ``allgather``          every rank's message to every rank, scatter-add in rank order
@@ -12,29 +12,31 @@ accounting. They know nothing about compressors.
 ``dense``              reduce-scatter + allgather of the densified tensor
 ``auto``               the fastest of the exact ones under a measured alpha-beta model
 =====================  ==========================================================
+
+Backends: :class:`TorchDistBackend` (any process group), ``MPIBackend`` (mpi4py) and
+``HorovodBackend`` (Horovod's collectives), the last two imported on first use.
 """
 
 from __future__ import annotations
 
-from .auto import AutoCollective, LinkModel, measure_link
-from .backend import Backend, CommStats, TorchDistBackend, completed_future
+from .auto import AutoCollective
+from .backend import Backend, CommStats, TorchDistBackend, completed_future, ring_allreduce_bytes
 from .collectives import (
     AllgatherCollective,
     Collective,
     DenseCollective,
     Reduced,
-    allreduce_dense,
+    allreduce_ordered,
     available,
     build,
     registry,
 )
+from .cost import LinkModel, SparseRoute, measure_link, predict
 from .oktopk import OkTopkCollective
 from .sparcml import RecursiveDoublingCollective, SplitAllgatherCollective
-from .wire import FLAG_ERROR, FLAG_NONFINITE, Headers, Message, PayloadError, PeerError
+from .wire import Headers, Message, PayloadError, PeerError
 
 __all__ = [
-    "FLAG_ERROR",
-    "FLAG_NONFINITE",
     "AllgatherCollective",
     "AutoCollective",
     "Backend",
@@ -42,29 +44,37 @@ __all__ = [
     "CommStats",
     "DenseCollective",
     "Headers",
+    "HorovodBackend",
     "LinkModel",
-    "Message",
     "MPIBackend",
+    "Message",
     "OkTopkCollective",
     "PayloadError",
     "PeerError",
     "RecursiveDoublingCollective",
     "Reduced",
+    "SparseRoute",
     "SplitAllgatherCollective",
     "TorchDistBackend",
-    "allreduce_dense",
+    "allreduce_ordered",
     "available",
     "build",
     "completed_future",
     "measure_link",
+    "predict",
     "registry",
+    "ring_allreduce_bytes",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # mpi4py is optional: import the MPI backend only when it is asked for.
+    # mpi4py and Horovod are optional: import their backends only when asked for.
     if name == "MPIBackend":
         from .mpi import MPIBackend
 
         return MPIBackend
+    if name == "HorovodBackend":
+        from .horovod import HorovodBackend
+
+        return HorovodBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,13 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "CommStats", "TorchDistBackend", "completed_future"]
+__all__ = ["Backend", "CommStats", "TorchDistBackend", "completed_future", "ring_allreduce_bytes"]
+
+
+def ring_allreduce_bytes(numel: int, itemsize: int, world: int) -> int:
+    """Bytes one rank sends in a ring (or reduce-scatter + allgather) allreduce:
+    2(P-1)/P of the tensor. The one place this formula lives."""
+    return 2 * (world - 1) * numel * itemsize // max(world, 1)
 
 
 @dataclass
@@ -31,10 +37,6 @@ class CommStats:
     bytes_received: int = 0
     messages: int = 0
     control_bytes: int = 0
-
-    def add(self, other: CommStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> Dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -88,6 +90,14 @@ class Backend(ABC):
 
     # Accounted primitives used by the collectives -------------------------------------
 
+    def allgather(self, tensor: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """All ranks' equal-sized 1-D tensors, concatenated in rank order (payload bytes)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self.stats.bytes_sent += (self.size - 1) * nbytes
+        self.stats.bytes_received += (self.size - 1) * nbytes
+        self.stats.messages += self.size - 1
+        return self._allgather_fixed(tensor) if self.size > 1 else completed_future(tensor.clone())
+
     def allgather_control(self, tensor: torch.Tensor) -> torch.Tensor:
         """Blocking allgather of a small fixed-size header; returns shape (P, len)."""
         out = self._allgather_fixed(tensor).wait() if self.size > 1 else tensor.clone()
@@ -131,10 +141,10 @@ class Backend(ABC):
         transport. None when unavailable; callers then use ``allreduce_dense``."""
         fut = self._allreduce_native(tensor)
         if fut is not None:
-            p, nbytes = self.size, tensor.numel() * tensor.element_size()
-            self.stats.bytes_sent += 2 * (p - 1) * nbytes // p
-            self.stats.bytes_received += 2 * (p - 1) * nbytes // p
-            self.stats.messages += 2 * (p - 1)
+            moved = ring_allreduce_bytes(tensor.numel(), tensor.element_size(), self.size)
+            self.stats.bytes_sent += moved
+            self.stats.bytes_received += moved
+            self.stats.messages += 2 * (self.size - 1)
         return fut
 
     def _allreduce_native(self, tensor: torch.Tensor) -> Optional[torch.futures.Future[torch.Tensor]]:

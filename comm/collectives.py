@@ -1,37 +1,42 @@
 """Sparse collectives: every rank's payload in, the sum out, identical on all ranks.
 
-A collective knows nothing about compressors. ``reduce`` starts the communication and
-returns a future of a :class:`Reduced`, whose :meth:`Reduced.write` produces the dense sum
-into a caller's buffer. Sums are always formed by our code in a fixed order (starting
-from zero, adding contributions in rank order), never by the transport, so results are
-bit-identical on every rank, whatever order messages arrive in, and on every backend.
+A collective knows nothing about compressors or hooks. :meth:`Collective.reduce` runs in
+two public phases: :meth:`Collective.exchange` gathers and validates every rank's header
+(so a malformed or mismatched peer is an error on every rank), then
+:meth:`Collective.combine` moves the payloads and returns a future of a :class:`Reduced`,
+whose :meth:`Reduced.write` produces the dense sum into a caller's buffer.
+:meth:`Collective.reduce_dense` is the one dense path, for tensors sent whole.
 
-Multi-round algorithms run their early rounds on the calling thread and leave only the
-last round asynchronous: issuing a collective from a future's callback could order
-collectives differently on different ranks.
+Sums are formed by our code in a fixed order (from zero, adding contributions in rank
+order), never by the transport, so results are bit-identical on every rank, whatever
+order messages arrive in, and on every backend. Multi-round algorithms run their early
+rounds on the calling thread and leave only the last round asynchronous: issuing a
+collective from a future's callback could order collectives differently on different ranks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from gradsparse.payload import SparsePayload
+from gradsparse.buffers import reusable
+from gradsparse.payload import SparsePayload, index_dtype_for
 from gradsparse.registry import Registry
 
+from ._common import bounds, decode_all
 from .backend import Backend, completed_future
+from .cost import SparseRoute
 from .wire import (
-    DENSE,
+    FLAG_ERROR,
+    FLAG_NONFINITE,
     Headers,
     Message,
     PayloadError,
     choose_encoding,
-    decode,
     encode,
-    encode_dense,
     encoded_bytes,
     exchange_headers,
 )
@@ -41,7 +46,7 @@ __all__ = [
     "Collective",
     "DenseCollective",
     "Reduced",
-    "allreduce_dense",
+    "allreduce_ordered",
     "available",
     "build",
     "registry",
@@ -52,14 +57,16 @@ __all__ = [
 class Reduced:
     """The sum across ranks as messages applied in a fixed order.
 
-    ``kept`` is set by lossy collectives (``oktopk``): a mask over this rank's payload
-    entries that made it into the sum. The caller returns the others to error feedback.
+    ``counts`` are every rank's payload counts, as the headers announced them. ``kept`` is
+    set by lossy collectives (``oktopk``): a mask over this rank's payload entries that made
+    it into the sum; the caller returns the others to error feedback.
     """
 
     numel: int
     parts: List[Message] = field(default_factory=list)
     nonfinite: bool = False
     kept: Optional[torch.Tensor] = None
+    counts: Tuple[int, ...] = ()
 
     def write(self, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Write ``scale`` times the sum into the flat ``out`` (``numel`` entries); NaN
@@ -80,15 +87,16 @@ class Reduced:
                 out[part.lo : part.lo + part.dense.numel()].add_(part.dense.to(out.dtype), alpha=scale)
         return out
 
-    def to_dense(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return self.write(torch.empty(self.numel, dtype=dtype, device=device))
+
+def _flags(nonfinite: bool, failed: bool) -> int:
+    return (FLAG_NONFINITE if nonfinite else 0) | (FLAG_ERROR if failed else 0)
 
 
 class Collective(ABC):
     """Sum sparse payloads across the ranks of a backend.
 
-    ``context`` is a dict the caller keeps per tensor (per bucket) across steps, for
-    collectives that learn (partition boundaries, measured counts).
+    ``context`` is a dict the caller keeps per tensor across steps and never reads: it
+    belongs to the collective, for what it learns (partition boundaries) and its buffers.
     """
 
     name: ClassVar[str] = ""
@@ -100,31 +108,62 @@ class Collective(ABC):
         payload: SparsePayload,
         backend: Backend,
         *,
-        flags: int = 0,
         context: Optional[Dict[str, Any]] = None,
+        nonfinite: bool = False,
+        failed: bool = False,
     ) -> torch.futures.Future[Reduced]:
-        """Exchange headers (validated identically on every rank), then sum."""
+        """Sum every rank's payload. ``nonfinite``: this rank's gradient holds NaN/inf (the
+        result is NaN everywhere); ``failed``: this rank could not build its payload (every
+        other rank raises :class:`PeerError`). Every rank must call it together."""
         context = context if context is not None else {}
-        headers = self._exchange(payload, backend, flags, context)
-        context["mean_count"] = sum(headers.counts) / len(headers.counts)
+        headers = self.exchange(payload, backend, context, flags=_flags(nonfinite, failed))
         if headers.nonfinite:
-            return completed_future(Reduced(headers.numel, nonfinite=True))
-        return self._reduce(payload, backend, headers, context)
+            return completed_future(Reduced(headers.numel, nonfinite=True, counts=tuple(headers.counts)))
+        return self.combine(payload, backend, headers, context)
 
-    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
+    def exchange(self, payload: SparsePayload, backend: Backend, context: Dict[str, Any], *, flags: int) -> Headers:
+        """Gather every rank's header (phase one); collectives add what they need to it."""
         del context
         return exchange_headers(backend, payload, flags)
 
     @abstractmethod
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
-    ) -> torch.futures.Future[Reduced]: ...
+    ) -> torch.futures.Future[Reduced]:
+        """Move the payloads and sum them (phase two), given the exchanged headers."""
 
-    def prefers_dense(self, backend: Backend, numel: int, expected_count: int, itemsize: int, passes: float) -> bool:
-        """Whether sending the whole tensor dense beats ``passes`` memory passes of
-        selection plus sending about ``expected_count`` entries sparse. Only ``auto`` ever
-        says yes. Every rank must call it together, with the same arguments."""
-        del backend, numel, expected_count, itemsize, passes
+    def reduce_dense(
+        self,
+        tensor: torch.Tensor,
+        backend: Backend,
+        *,
+        validate: bool = True,
+        failed: bool = False,
+        rank_order: bool = False,
+    ) -> torch.futures.Future[torch.Tensor]:
+        """Sum a whole flat tensor in place: the one dense path.
+
+        With ``validate``, the ranks first exchange headers, so that a failed rank or a
+        mismatched size or dtype is an error on every rank; leave it off only for a tensor
+        whose step another validated exchange already covers. By default the sum is the
+        transport's own allreduce where it has one (as fast as DDP's; its bits depend on the
+        transport and on where each entry sits in the tensor). ``rank_order`` sums in rank
+        order instead (:func:`allreduce_ordered`): the same bits on every transport and for
+        any layout, at the same byte count. NaN/inf travel in the sum."""
+        if validate:
+            empty = SparsePayload(
+                torch.empty(0, dtype=index_dtype_for(tensor.numel()), device=tensor.device),
+                torch.empty(0, dtype=tensor.dtype, device=tensor.device),
+                tensor.numel(),
+            )
+            exchange_headers(backend, empty, _flags(False, failed))
+        native = None if rank_order else backend.allreduce_native(tensor)
+        return native if native is not None else allreduce_ordered(tensor, backend)
+
+    def prefers_dense(self, backend: Backend, route: SparseRoute) -> bool:
+        """Whether sending the whole tensor dense beats ``route``. Only ``auto`` ever says
+        yes. Every rank must call it together, with the same arguments."""
+        del backend, route
         return False
 
     def __repr__(self) -> str:
@@ -132,120 +171,6 @@ class Collective(ABC):
 
 
 registry: Registry[Type[Collective]] = Registry("collective")
-
-
-def _bounds(numel: int, parts: int) -> List[int]:
-    """Equal contiguous ranges: range r is [bounds[r], bounds[r + 1])."""
-    return [r * numel // parts for r in range(parts + 1)]
-
-
-def _split_counts(indices: torch.Tensor, bounds: Sequence[int]) -> List[int]:
-    """How many of the sorted ``indices`` fall in each range."""
-    if indices.numel() == 0:
-        return [0] * (len(bounds) - 1)
-    edges = torch.tensor(bounds, dtype=indices.dtype, device=indices.device)
-    positions = torch.searchsorted(indices, edges).tolist()
-    return [positions[r + 1] - positions[r] for r in range(len(bounds) - 1)]
-
-
-def _encode_ranges(
-    payload: SparsePayload, bounds: Sequence[int], counts: Sequence[int]
-) -> Tuple[torch.Tensor, List[int]]:
-    """This rank's entries cut at ``bounds``, each range in its cheapest encoding."""
-    pieces, sizes = [], []
-    start = 0
-    vdt, idt = payload.values.dtype, payload.indices.dtype
-    for r, count in enumerate(counts):
-        lo, span = bounds[r], bounds[r + 1] - bounds[r]
-        kind = choose_encoding(count, span, vdt, idt)
-        msg = encode(payload.indices[start : start + count], payload.values[start : start + count], lo, span, kind)
-        pieces.append(msg)
-        sizes.append(msg.numel())
-        start += count
-    return torch.cat(pieces), sizes
-
-
-def _decode_all(
-    buffer: torch.Tensor,
-    counts: Sequence[int],
-    spans: Sequence[Tuple[int, int]],
-    numel: int,
-    value_dtype: torch.dtype,
-    index_dtype: torch.dtype,
-    kinds: Optional[Sequence[int]] = None,
-) -> List[Message]:
-    """Decode consecutive messages; message r has ``counts[r]`` entries of span
-    ``spans[r] = (lo, span)`` in encoding ``kinds[r]`` (default: the cheapest one)."""
-    out = []
-    offset = 0
-    for r, (count, (lo, span)) in enumerate(zip(counts, spans)):
-        kind = kinds[r] if kinds is not None else choose_encoding(count, span, value_dtype, index_dtype)
-        size = encoded_bytes(kind, count, span, value_dtype, index_dtype)
-        try:
-            out.append(decode(buffer[offset : offset + size], kind, count, lo, span, numel, value_dtype, index_dtype))
-        except PayloadError as exc:
-            raise PayloadError(f"rank(s) [{r}] sent a bad message: {exc}") from None
-        offset += size
-    if offset != buffer.numel():
-        raise PayloadError(f"received {buffer.numel()} bytes, expected {offset}")
-    return out
-
-
-def _accumulate(messages: Sequence[Message], lo: int, span: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-    """Sum messages over one range into ``out`` (zeroed here), in the given order."""
-    out.zero_()
-    for msg in messages:
-        if msg.sparse is not None:
-            if msg.sparse.count:
-                out.index_add_(0, msg.sparse.indices.long() - lo, msg.sparse.values.to(dtype))
-        elif msg.dense is not None:
-            out.add_(msg.dense.to(dtype))
-    return out
-
-
-def _gather_ranges(
-    backend: Backend,
-    acc: torch.Tensor,
-    lo: int,
-    spans: Sequence[Tuple[int, int]],
-    numel: int,
-    index_dtype: torch.dtype,
-) -> torch.futures.Future[List[Message]]:
-    """Allgather every rank's reduced range ``acc`` (its sum over ``[lo, lo+len)``) in its
-    cheapest encoding; a control round announces the counts first, from which every
-    rank derives every encoding. Returns the decoded messages in rank order."""
-    vdt = acc.dtype
-    positions = torch.nonzero(acc).squeeze(1)
-    count, span = positions.numel(), acc.numel()
-    kind = choose_encoding(count, span, vdt, index_dtype)
-    if kind == DENSE:
-        message = encode_dense(acc)
-    else:
-        message = encode((positions + lo).to(index_dtype), acc[positions], lo, span, kind)
-    table = backend.allgather_control(torch.tensor([count], dtype=torch.int64, device=acc.device))
-    counts = [int(c) for c in table[:, 0].tolist()]
-    for r, c in enumerate(counts):
-        if not 0 <= c <= spans[r][1]:
-            raise PayloadError(f"rank {r} announced {c} reduced entries for a range of {spans[r][1]}")
-    sizes = [
-        encoded_bytes(choose_encoding(c, s, vdt, index_dtype), c, s, vdt, index_dtype)
-        for c, (_, s) in zip(counts, spans)
-    ]
-    fut = backend.allgatherv(message, sizes)
-    return fut.then(lambda f: _decode_all(f.value(), counts, spans, numel, vdt, index_dtype))
-
-
-def _workspace(context: Dict[str, Any], name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    buf = context.get(name)
-    if (
-        not isinstance(buf, torch.Tensor)
-        or buf.numel() != numel
-        or buf.dtype != like.dtype
-        or buf.device != like.device
-    ):
-        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        context[name] = buf
-    return buf
 
 
 @registry.register("allgather")
@@ -259,41 +184,33 @@ class AllgatherCollective(Collective):
 
     name = "allgather"
 
-    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
+    def exchange(self, payload: SparsePayload, backend: Backend, context: Dict[str, Any], *, flags: int) -> Headers:
         del context
         kind = choose_encoding(payload.count, payload.numel, payload.values.dtype, payload.indices.dtype)
         return exchange_headers(backend, payload, flags, kind=kind)
 
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
-        numel = headers.numel
-        if sum(headers.counts) == 0:
-            return completed_future(Reduced(numel))
-        me = backend.rank
-        message = encode(payload.indices, payload.values, 0, numel, headers.kinds[me])
-        for r, (kind, count, nbytes) in enumerate(zip(headers.kinds, headers.counts, headers.nbytes)):
+        numel, counts = headers.numel, tuple(headers.counts)
+        if sum(counts) == 0:
+            return completed_future(Reduced(numel, counts=counts))
+        message = encode(payload.indices, payload.values, 0, numel, headers.kinds[backend.rank])
+        for r, (kind, count, nbytes) in enumerate(zip(headers.kinds, counts, headers.nbytes)):
             if nbytes != encoded_bytes(kind, count, numel, headers.value_dtype, headers.index_dtype):
                 raise PayloadError(f"rank {r} announced {nbytes} bytes for {count} entries")
         fut = backend.allgatherv(message, headers.nbytes)
         spans = [(0, numel)] * backend.size
 
-        def _finish(f: torch.futures.Future[torch.Tensor]) -> Reduced:
-            parts = _decode_all(
-                f.value(),
-                headers.counts,
-                spans,
-                numel,
-                headers.value_dtype,
-                headers.index_dtype,
-                headers.kinds,
-            )
-            return Reduced(numel, parts=parts)
+        def _decode(f: torch.futures.Future[torch.Tensor]) -> Reduced:
+            vdt, idt = headers.value_dtype, headers.index_dtype
+            parts = decode_all(f.value(), counts, spans, numel, vdt, idt, headers.kinds)
+            return Reduced(numel, parts=parts, counts=counts)
 
-        return fut.then(_finish)
+        return fut.then(_decode)
 
 
-def allreduce_dense(
+def allreduce_ordered(
     tensor: torch.Tensor, backend: Backend, context: Optional[Dict[str, Any]] = None
 ) -> torch.futures.Future[torch.Tensor]:
     """Sum a dense tensor across ranks, in place, in rank order: reduce-scatter by
@@ -305,36 +222,37 @@ def allreduce_dense(
     if p == 1:
         return completed_future(tensor)
     numel, isz = flat.numel(), flat.element_size()
-    bounds = _bounds(numel, p)
-    chunk = [(bounds[r + 1] - bounds[r]) * isz for r in range(p)]
+    edges = bounds(numel, p)
+    chunk = [(edges[r + 1] - edges[r]) * isz for r in range(p)]
     received = backend.alltoallv(flat.view(torch.uint8), chunk, [chunk[me]] * p).wait()
-    span = bounds[me + 1] - bounds[me]
+    span = edges[me + 1] - edges[me]
     pieces = received.view(flat.dtype).view(p, span)
-    acc = _workspace(context if context is not None else {}, "dense_acc", span, flat)
+    acc = reusable(context if context is not None else {}, "dense_acc", span, flat)
     acc.zero_()
     for r in range(p):
         acc.add_(pieces[r])
     fut = backend.allgatherv(acc.view(torch.uint8), chunk)
 
-    def _finish(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+    def _copy_back(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
         flat.copy_(f.value().view(flat.dtype))
         return tensor
 
-    return fut.then(_finish)
+    return fut.then(_copy_back)
 
 
 @registry.register("dense")
 class DenseCollective(Collective):
-    """Densify, then :func:`allreduce_dense`: 2(P-1)/P·n·itemsize bytes each way."""
+    """Densify, then :func:`allreduce_ordered`: 2(P-1)/P·n·itemsize bytes each way."""
 
     name = "dense"
 
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
         dense = payload.to_dense()
-        return allreduce_dense(dense, backend, context).then(
-            lambda f: Reduced(headers.numel, parts=[Message(0, dense=f.value())])
+        counts = tuple(headers.counts)
+        return allreduce_ordered(dense, backend, context).then(
+            lambda f: Reduced(headers.numel, parts=[Message(0, dense=f.value())], counts=counts)
         )
 
 

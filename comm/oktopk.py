@@ -26,12 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from gradsparse._validate import check_int
+from gradsparse.checks import check_int
 from gradsparse.payload import SparsePayload
 
+from ._common import bounds, gather_ranges, range_counts, reduce_scatter_sparse
 from .backend import Backend, completed_future
-from .collectives import Collective, Reduced, _bounds, _gather_ranges, registry
-from .sparcml import _range_counts, reduce_scatter_sparse
+from .collectives import Collective, Reduced, registry
 from .wire import Headers, Message, PayloadError, exchange_headers
 
 __all__ = ["OkTopkCollective"]
@@ -40,11 +40,11 @@ _SUB_BINS = 256
 
 
 def _boundaries(context: Dict[str, Any], numel: int, parts: int) -> List[int]:
-    bounds = context.get("oktopk_bounds")
-    if not isinstance(bounds, list) or len(bounds) != parts + 1 or bounds[-1] != numel:
-        bounds = _bounds(numel, parts)
-        context["oktopk_bounds"] = bounds
-    return bounds
+    edges = context.get("oktopk_bounds")
+    if not isinstance(edges, list) or len(edges) != parts + 1 or edges[-1] != numel:
+        edges = bounds(numel, parts)
+        context["oktopk_bounds"] = edges
+    return edges
 
 
 def _selected_indices(parts: List[Message]) -> torch.Tensor:
@@ -92,27 +92,27 @@ class OkTopkCollective(Collective):
         self.repartition_every = check_int("repartition_every", repartition_every, minimum=1)
         self.k = None if k is None else check_int("k", k, minimum=1)
 
-    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
-        bounds = _boundaries(context, payload.numel, backend.size)
-        crc = zlib.crc32(repr(bounds).encode())
-        return exchange_headers(backend, payload, flags, extra=[*_range_counts(payload, bounds), crc])
+    def exchange(self, payload: SparsePayload, backend: Backend, context: Dict[str, Any], *, flags: int) -> Headers:
+        edges = _boundaries(context, payload.numel, backend.size)
+        crc = zlib.crc32(repr(edges).encode())
+        return exchange_headers(backend, payload, flags, extra=[*range_counts(payload, edges), crc])
 
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
-        numel, p, me = headers.numel, backend.size, backend.rank
+        numel, p, me, counts = headers.numel, backend.size, backend.rank, tuple(headers.counts)
         if len({row[-1] for row in headers.extra}) != 1:
             raise PayloadError("oktopk region boundaries differ across ranks; every rank must use the same state")
-        if sum(headers.counts) == 0:
-            return completed_future(Reduced(numel, kept=torch.zeros(0, dtype=torch.bool)))
-        bounds = _boundaries(context, numel, p)
-        acc = reduce_scatter_sparse(payload, backend, headers, bounds, context)
+        if sum(counts) == 0:
+            return completed_future(Reduced(numel, kept=torch.zeros(0, dtype=torch.bool), counts=counts))
+        edges = _boundaries(context, numel, p)
+        acc = reduce_scatter_sparse(payload, backend, headers, edges, context)
         k = self.k if self.k is not None else max(1, round(sum(headers.counts) / p))
         threshold = self._global_threshold(acc, k, backend)
         if threshold > 0:
             acc.masked_fill_(acc.abs() < threshold, 0)
-        spans = [(bounds[r], bounds[r + 1] - bounds[r]) for r in range(p)]
-        fut = _gather_ranges(backend, acc, bounds[me], spans, numel, headers.index_dtype)
+        spans = [(edges[r], edges[r + 1] - edges[r]) for r in range(p)]
+        fut = gather_ranges(backend, acc, edges[me], spans, numel, headers.index_dtype)
         calls = int(context.get("oktopk_calls", 0)) + 1
         context["oktopk_calls"] = calls
 
@@ -120,7 +120,7 @@ class OkTopkCollective(Collective):
             parts = f.value()
             if calls % self.repartition_every == 0:
                 self._repartition(context, parts, numel, p)
-            return Reduced(numel, parts=parts, kept=_kept(parts, payload.indices))
+            return Reduced(numel, parts=parts, kept=_kept(parts, payload.indices), counts=counts)
 
         return fut.then(_finish)
 
@@ -132,9 +132,9 @@ class OkTopkCollective(Collective):
         if selected.numel() < p:
             return
         cuts = [int(selected[(j * selected.numel()) // p]) for j in range(1, p)]
-        bounds = [0, *cuts, numel]
-        if all(bounds[j] <= bounds[j + 1] for j in range(p)):
-            context["oktopk_bounds"] = bounds
+        edges = [0, *cuts, numel]
+        if all(edges[j] <= edges[j + 1] for j in range(p)):
+            context["oktopk_bounds"] = edges
 
     @staticmethod
     def _global_threshold(acc: torch.Tensor, k: int, backend: Backend) -> float:

@@ -9,19 +9,9 @@ import torch
 
 from gradsparse.payload import SparsePayload
 
+from ._common import bounds, gather_ranges, range_counts, reduce_scatter_sparse
 from .backend import Backend, completed_future
-from .collectives import (
-    Collective,
-    Reduced,
-    _accumulate,
-    _bounds,
-    _decode_all,
-    _encode_ranges,
-    _gather_ranges,
-    _split_counts,
-    _workspace,
-    registry,
-)
+from .collectives import Collective, Reduced, registry
 from .wire import (
     DENSE,
     Headers,
@@ -38,44 +28,6 @@ from .wire import (
 __all__ = ["RecursiveDoublingCollective", "SplitAllgatherCollective"]
 
 
-def _range_counts(payload: SparsePayload, bounds: List[int]) -> List[int]:
-    try:
-        return _split_counts(payload.indices, bounds)
-    except (RuntimeError, TypeError):  # a malformed payload: exchange_headers flags it
-        return [0] * (len(bounds) - 1)
-
-
-def _check_matrix(headers: Headers, parts: int) -> List[List[int]]:
-    """The P x P matrix of entries each rank sends to each owner, checked on every rank."""
-    matrix = [row[:parts] for row in headers.extra]
-    for r, row in enumerate(matrix):
-        if len(row) != parts or any(c < 0 for c in row) or sum(row) != headers.counts[r]:
-            raise PayloadError(f"rank {r} announced per-range counts {row} that do not add up to {headers.counts[r]}")
-    return matrix
-
-
-def reduce_scatter_sparse(
-    payload: SparsePayload,
-    backend: Backend,
-    headers: Headers,
-    bounds: List[int],
-    context: Dict[str, Any],
-) -> torch.Tensor:
-    """Sparse reduce-scatter: every rank sends each range's entries to that range's owner
-    (an all-to-all with variable sizes, each piece in its cheapest encoding); the owner sums
-    them in rank order. Returns this rank's reduced range, dense."""
-    p, me, numel = backend.size, backend.rank, headers.numel
-    matrix = _check_matrix(headers, p)
-    vdt, idt = headers.value_dtype, headers.index_dtype
-    message, send_sizes = _encode_ranges(payload, bounds, matrix[me])
-    lo, span = bounds[me], bounds[me + 1] - bounds[me]
-    incoming = [matrix[src][me] for src in range(p)]
-    recv_sizes = [encoded_bytes(choose_encoding(c, span, vdt, idt), c, span, vdt, idt) for c in incoming]
-    received = backend.alltoallv(message, send_sizes, recv_sizes).wait()
-    messages = _decode_all(received, incoming, [(lo, span)] * p, numel, vdt, idt)
-    return _accumulate(messages, lo, span, vdt, _workspace(context, "range_acc", span, payload.values))
-
-
 @registry.register("split_allgather")
 class SplitAllgatherCollective(Collective):
     """SparCML's split allgather: the index space is cut into P equal ranges; each rank
@@ -88,22 +40,22 @@ class SplitAllgatherCollective(Collective):
 
     name = "split_allgather"
 
-    def _exchange(self, payload: SparsePayload, backend: Backend, flags: int, context: Dict[str, Any]) -> Headers:
+    def exchange(self, payload: SparsePayload, backend: Backend, context: Dict[str, Any], *, flags: int) -> Headers:
         del context
-        bounds = _bounds(payload.numel, backend.size)
-        return exchange_headers(backend, payload, flags, extra=_range_counts(payload, bounds))
+        edges = bounds(payload.numel, backend.size)
+        return exchange_headers(backend, payload, flags, extra=range_counts(payload, edges))
 
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
-        numel, p = headers.numel, backend.size
-        if sum(headers.counts) == 0:
-            return completed_future(Reduced(numel))
-        bounds = _bounds(numel, p)
-        acc = reduce_scatter_sparse(payload, backend, headers, bounds, context)
-        spans = [(bounds[r], bounds[r + 1] - bounds[r]) for r in range(p)]
-        fut = _gather_ranges(backend, acc, bounds[backend.rank], spans, numel, headers.index_dtype)
-        return fut.then(lambda f: Reduced(numel, parts=f.value()))
+        numel, p, counts = headers.numel, backend.size, tuple(headers.counts)
+        if sum(counts) == 0:
+            return completed_future(Reduced(numel, counts=counts))
+        edges = bounds(numel, p)
+        acc = reduce_scatter_sparse(payload, backend, headers, edges, context)
+        spans = [(edges[r], edges[r + 1] - edges[r]) for r in range(p)]
+        fut = gather_ranges(backend, acc, edges[backend.rank], spans, numel, headers.index_dtype)
+        return fut.then(lambda f: Reduced(numel, parts=f.value(), counts=counts))
 
 
 def _merge(a: Message, b: Message, numel: int, index_dtype: torch.dtype) -> Message:
@@ -141,12 +93,12 @@ class RecursiveDoublingCollective(Collective):
 
     name = "recursive_doubling"
 
-    def _reduce(
+    def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
-        numel, p, me = headers.numel, backend.size, backend.rank
-        if sum(headers.counts) == 0:
-            return completed_future(Reduced(numel))
+        numel, p, me, counts = headers.numel, backend.size, backend.rank, tuple(headers.counts)
+        if sum(counts) == 0:
+            return completed_future(Reduced(numel, counts=counts))
         vdt, idt = headers.value_dtype, headers.index_dtype
         current = Message(0, sparse=payload)
         p2 = 1 << (p.bit_length() - 1)
@@ -155,7 +107,7 @@ class RecursiveDoublingCollective(Collective):
         if me >= p2:  # fold into a partner, then wait for the result
             self._send(backend, current, me - p2, numel, vdt, idt)
             current = self._recv(backend, me - p2, numel, vdt, idt, device)
-            return completed_future(Reduced(numel, parts=[current]))
+            return completed_future(Reduced(numel, parts=[current], counts=counts))
         if me < extra:
             current = _merge(current, self._recv(backend, me + p2, numel, vdt, idt, device), numel, idt)
         mask = 1
@@ -165,7 +117,7 @@ class RecursiveDoublingCollective(Collective):
             mask <<= 1
         if me < extra:
             self._send(backend, current, me + p2, numel, vdt, idt)
-        return completed_future(Reduced(numel, parts=[current]))
+        return completed_future(Reduced(numel, parts=[current], counts=counts))
 
     @staticmethod
     def _encode(msg: Message, numel: int, index_dtype: torch.dtype) -> torch.Tensor:

@@ -81,12 +81,9 @@ def encoded_bytes(kind: int, count: int, span: int, value_dtype: torch.dtype, in
     raise PayloadError(f"unknown message encoding {kind}; expected one of {list(_KINDS)}")
 
 
-def choose_encoding(
-    count: int, span: int, value_dtype: torch.dtype, index_dtype: torch.dtype, *, allow_dense: bool = True
-) -> int:
+def choose_encoding(count: int, span: int, value_dtype: torch.dtype, index_dtype: torch.dtype) -> int:
     """The encoding with the fewest bytes (ties prefer the index list, then the bitmap)."""
-    kinds = _KINDS if allow_dense else (LIST, BITMAP)
-    return min(kinds, key=lambda k: (encoded_bytes(k, count, span, value_dtype, index_dtype), k))
+    return min(_KINDS, key=lambda k: (encoded_bytes(k, count, span, value_dtype, index_dtype), k))
 
 
 @dataclass(frozen=True)

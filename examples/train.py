@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsparse as gs
-from gradsparse.launch import init_distributed, mpi_backend
-from gradsparse.train import build_model, load_digits_split
+from gradsparse.digits import build_model, load_digits_split
+from gradsparse.launch import init_distributed
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     x, y, x_test, y_test = load_digits_split()
     model = build_model("cnn")
     ddp = nn.parallel.DistributedDataParallel(model)
-    options = {"backend": mpi_backend()} if args.backend == "mpi" else {}
+    options = {"backend": gs.comm.MPIBackend()} if args.backend == "mpi" else {}
     state = gs.register_sparse_hook(
         ddp, compressor=args.compressor, density=args.density, collective=args.collective, **options
     )

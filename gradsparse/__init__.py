@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from gradsparse import compressors
+from gradsparse import comm, compressors
+from gradsparse.ddp import SparseHookState, register_sparse_hook, sparse_allreduce_hook
 from gradsparse.error_feedback import ErrorFeedback
-from gradsparse.hooks import SparseHookState, register_sparse_hook, sparse_allreduce_hook
 from gradsparse.payload import SparsePayload
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "SparseHookState",
     "SparsePayload",
     "__version__",
+    "comm",
     "compressors",
     "register_sparse_hook",
     "sparse_allreduce_hook",

@@ -193,12 +193,6 @@ class Cluster:
                 rows.append({"namespace": self.namespace(r), "address": self.address(r), "qdisc": qdisc.stdout.strip()})
         return rows
 
-    def counters(self, rank: int) -> Dict[str, int]:
-        """Bytes the rank's interface sent and received (the kernel's own counters)."""
-        out = _run(["ip", "-n", self.namespace(rank), "-j", "-s", "link", "show", "dev", self.interface]).stdout
-        stats = json.loads(out)[0]["stats64"]
-        return {"tx_bytes": int(stats["tx"]["bytes"]), "rx_bytes": int(stats["rx"]["bytes"])}
-
     def __enter__(self) -> Cluster:
         self.up()
         return self

@@ -9,75 +9,15 @@ a single add; when DDP regroups parameters the buffer is rebuilt by copying.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 
-from gradsparse._validate import check_probability
+from gradsparse.checks import check_probability
 from gradsparse.payload import SparsePayload
+from gradsparse.store import Layout, ParamStore
 
-__all__ = ["Layout", "ParamStore", "ErrorFeedback"]
-
-#: the parameters selected together, in order: (name, numel) pairs
-Layout = Tuple[Tuple[str, int], ...]
-
-
-class ParamStore:
-    """Flat per-parameter tensors, keyed by name, served as one flat view per layout."""
-
-    def __init__(self) -> None:
-        self.tensors: Dict[str, torch.Tensor] = {}
-        self._flat: Dict[Layout, torch.Tensor] = {}
-        self._owner: Dict[str, Layout] = {}
-
-    def flat(self, layout: Layout, like: torch.Tensor) -> torch.Tensor:
-        """One flat tensor for ``layout`` whose slices are the named tensors (zeros for
-        names not seen before)."""
-        cached = self._flat.get(layout)
-        if cached is not None and all(self._owner.get(name) == layout for name, _ in layout):
-            return cached
-        total = sum(n for _, n in layout)
-        flat = torch.zeros(total, dtype=like.dtype, device=like.device)
-        offset = 0
-        for name, n in layout:
-            old = self.tensors.get(name)
-            view = flat[offset : offset + n]
-            if old is not None:
-                if old.numel() != n:
-                    raise ValueError(
-                        f"state for parameter {name!r} has {old.numel()} entries, but the "
-                        f"parameter has {n}; was the checkpoint taken from another model?"
-                    )
-                view.copy_(old)
-            self.tensors[name] = view
-            self._owner[name] = layout
-            offset += n
-        self._flat = {
-            key: t
-            for key, t in self._flat.items()
-            if key != layout and any(self._owner.get(name) == key for name, _ in key)
-        }
-        self._flat[layout] = flat
-        return flat
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {name: t.detach().clone() for name, t in self.tensors.items()}
-
-    def load_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
-        self.tensors = {name: t.detach().clone().reshape(-1) for name, t in tensors.items()}
-        self._flat.clear()
-        self._owner.clear()
-
-    def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        return iter(self.tensors.items())
-
-    def norm(self) -> float:
-        """Global L2 norm of all tensors (0 when empty)."""
-        if not self.tensors:
-            return 0.0
-        return float(
-            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in self.tensors.values()]))
-        )
+__all__ = ["ErrorFeedback"]
 
 
 class ErrorFeedback:
@@ -110,8 +50,10 @@ class ErrorFeedback:
         self._zero: set = set()
 
     def is_zero(self, layout: Layout) -> bool:
-        """Whether the residual of ``layout`` is known to be zero (compensation is a no-op)."""
-        return not self.momentum and all(name in self._zero for name, _ in layout)
+        """Whether the residual of ``layout`` is known to be zero (compensation is a no-op):
+        everything was sent dense, or nothing was ever kept for these parameters."""
+        stored = self.residuals.tensors
+        return not self.momentum and all(name in self._zero or name not in stored for name, _ in layout)
 
     def _rescale(self, layout: Layout, like: torch.Tensor, scale: float) -> None:
         """Express the state of ``layout`` in the current loss scale. GradScaler moves the
@@ -127,13 +69,17 @@ class ErrorFeedback:
         for name, _ in stale:
             self.scales[name] = scale
 
-    def compensate(self, layout: Layout, grad: torch.Tensor, scale: float = 1.0) -> Optional[torch.Tensor]:
+    def compensate(
+        self, layout: Layout, grad: torch.Tensor, scale: float = 1.0, keep: Collection[str] = ()
+    ) -> Optional[torch.Tensor]:
         """Turn ``grad`` (flat, laid out as ``layout``) into the compensated tensor in place.
 
         Nothing is committed yet: :meth:`update` does that once the step is known to be
         good, so a step that AMP skips leaves the state as it was. Returns the new
         momentum (with momentum correction) for :meth:`update`, else None. ``scale`` is
-        the current loss scale when gradients are scaled (AMP)."""
+        the current loss scale when gradients are scaled (AMP). Parameters named in
+        ``keep`` received no gradient this step: their entries come out zero (nothing of
+        theirs is sent) and :meth:`update` and :meth:`clear` leave their state as it is."""
         if self.is_zero(layout):
             return None
         self._rescale(layout, grad, scale)
@@ -142,7 +88,25 @@ class ErrorFeedback:
             grad.add_(self.velocity.flat(layout, grad), alpha=self.momentum)
             new_velocity = grad.clone()
         grad.add_(self.residuals.flat(layout, grad))
+        for start, end in _spans(layout, keep):
+            grad[start:end] = 0
         return new_velocity
+
+    def _stores(self) -> List[ParamStore]:
+        return [self.residuals, self.velocity] if self.momentum else [self.residuals]
+
+    def _held(self, layout: Layout, like: torch.Tensor, keep: Collection[str]) -> List[Tuple[torch.Tensor, int, int]]:
+        """Copies of the kept parameters' state, for :meth:`_restore`."""
+        spans = _spans(layout, keep)
+        if not spans:
+            return []
+        return [(store.flat(layout, like)[a:b].clone(), a, b) for store in self._stores() for a, b in spans]
+
+    def _restore(self, layout: Layout, like: torch.Tensor, held: List[Tuple[torch.Tensor, int, int]]) -> None:
+        stores = self._stores()
+        per_store = len(held) // len(stores) if held else 0
+        for i, (saved, a, b) in enumerate(held):
+            stores[i // per_store].flat(layout, like)[a:b].copy_(saved)
 
     def update(
         self,
@@ -151,9 +115,11 @@ class ErrorFeedback:
         payload: SparsePayload,
         scale: float = 1.0,
         new_velocity: Optional[torch.Tensor] = None,
+        keep: Collection[str] = (),
     ) -> None:
         """Keep what ``payload`` did not send. ``compensated`` must still hold the values
         that :meth:`compensate` produced, and ``new_velocity`` what it returned."""
+        held = self._held(layout, compensated, keep)
         self._zero.difference_update(name for name, _ in layout)
         residual = self.residuals.flat(layout, compensated)
         residual.copy_(compensated)
@@ -165,20 +131,23 @@ class ErrorFeedback:
             velocity = self.velocity.flat(layout, compensated)
             velocity.copy_(new_velocity)
             velocity[sent] = 0
+        self._restore(layout, compensated, held)
         for name, _ in layout:
             self.scales[name] = scale
 
-    def clear(self, layout: Layout, like: torch.Tensor, scale: float = 1.0) -> None:
-        """Everything was sent (the bucket went dense): nothing is kept back."""
+    def clear(self, layout: Layout, like: torch.Tensor, scale: float = 1.0, keep: Collection[str] = ()) -> None:
+        """Everything was sent (the bucket went dense): nothing is kept back, but for the
+        parameters in ``keep``, whose state stays as it is."""
         if self.is_zero(layout):
             return
-        self.residuals.flat(layout, like).zero_()
-        if self.momentum:
-            self.velocity.flat(layout, like).zero_()
+        held = self._held(layout, like, keep)
+        for store in self._stores():
+            store.flat(layout, like).zero_()
+        self._restore(layout, like, held)
         for name, _ in layout:
             self.scales[name] = scale
         if not self.momentum:
-            self._zero.update(name for name, _ in layout)
+            self._zero.update(name for name, _ in layout if name not in keep)
 
     def state_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"residuals": self.residuals.state_dict(), "scales": dict(self.scales)}
@@ -197,3 +166,15 @@ class ErrorFeedback:
 
     def names(self) -> List[str]:
         return list(self.residuals.tensors)
+
+
+def _spans(layout: Layout, names: Collection[str]) -> List[Tuple[int, int]]:
+    """[start, end) of each named parameter in a flat tensor laid out as ``layout``."""
+    if not names:
+        return []
+    spans, offset = [], 0
+    for name, n in layout:
+        if name in names:
+            spans.append((offset, offset + n))
+        offset += n
+    return spans

@@ -26,7 +26,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchInfo", "detect_launcher", "init_distributed", "mpi_backend"]
+__all__ = ["LaunchInfo", "detect_launcher", "init_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +155,3 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.t
         )
     logger.info("torch.distributed initialised from %s: rank %d of %d", info.launcher, info.rank, info.world_size)
     return info
-
-
-def mpi_backend(comm: Optional[object] = None) -> object:
-    """A ``gradsparse.comm.MPIBackend`` on ``comm`` (default ``MPI.COMM_WORLD``); raises
-    ImportError naming the extra to install when mpi4py is missing."""
-    from gradsparse.comm.mpi import MPIBackend
-
-    return MPIBackend(comm)

@@ -36,9 +36,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from gradsparse._validate import check_choice, check_int, check_probability
+from gradsparse.checks import check_choice, check_int, check_probability
 
-__all__ = ["WeightMasker", "prunable_parameters"]
+__all__ = ["CRITERIA", "WeightMasker", "prunable_parameters"]
+
+#: how masks are chosen: magnitude pruning only, or pruning with RigL or SET regrowth
+CRITERIA = ("magnitude", "rigl", "set")
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class WeightMasker:
         if not isinstance(module, nn.Module):
             raise ValueError(f"Expected argument `module` to be a torch.nn.Module, but got {type(module).__name__}.")
         self.sparsity = check_probability("sparsity", sparsity)
-        self.criterion = check_choice("criterion", criterion, ("magnitude", "rigl", "set"))
+        self.criterion = check_choice("criterion", criterion, CRITERIA)
         self.scope = check_choice("scope", scope, ("layer", "global"))
         self.schedule = check_choice("schedule", schedule, ("oneshot", "gradual"))
         self.start_step = check_int("start_step", start_step)

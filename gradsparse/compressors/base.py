@@ -1,7 +1,7 @@
 """The compressor interface.
 
 A compressor is a small immutable object holding only its hyperparameters. It turns a
-flat 1-D tensor into a :class:`~gradsparse.payload.SparsePayload` and back. Anything a
+flat 1-D tensor into a :class:`~gradsparse.payload.SparsePayload`. Anything a
 compressor wants to remember between steps (a reused threshold, a variance estimate)
 lives in a :class:`CompressorState` that the caller owns, saves and restores; the
 compressor itself never keeps state and knows nothing about communication.
@@ -17,6 +17,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
+from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload, index_dtype_for
 
 __all__ = ["Compressor", "CompressorState", "k_for_density", "make_payload"]
@@ -41,12 +42,7 @@ class CompressorState:
 
     def work(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A reusable scratch buffer shaped like ``like`` (reallocated only on change)."""
-        dtype = dtype or like.dtype
-        buf = self.scratch.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
-            buf = torch.empty(like.shape, dtype=dtype, device=like.device)
-            self.scratch[name] = buf
-        return buf
+        return reusable(self.scratch, name, like.shape, like, dtype)
 
 
 def k_for_density(density: float, numel: int) -> int:
@@ -74,8 +70,10 @@ class Compressor(ABC):
     name: ClassVar[str] = ""
     #: names of per-coordinate buffers this compressor keeps in ``CompressorState.buffers``
     state_buffers: ClassVar[Tuple[str, ...]] = ()
-    #: True when the compressor's budget is ``density`` (so warm-up can scale it)
+    #: True when the compressor's budget is ``density`` (so the density ramp can scale it)
     density_based: ClassVar[bool] = False
+    #: the parameter that sets how much is sent (``density``, ``threshold``, ``alpha``), if any
+    budget_param: ClassVar[Optional[str]] = None
     #: about how many read+write passes over the tensor selection costs (for ``auto``)
     selection_passes: ClassVar[float] = 4.0
 
@@ -86,10 +84,6 @@ class Compressor(ABC):
     @abstractmethod
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         """Select entries of the flat ``tensor``; the payload's values are copies."""
-
-    def decompress(self, payload: SparsePayload, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Scatter the payload into a zero tensor (or add it into ``out``)."""
-        return payload.to_dense(out)
 
     @staticmethod
     def _check_input(tensor: torch.Tensor) -> torch.Tensor:

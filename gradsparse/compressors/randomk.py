@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from gradsparse._validate import check_density, check_int
+from gradsparse.checks import check_density, check_int
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
 from gradsparse.payload import SparsePayload
 
@@ -39,6 +39,7 @@ class RandomK(Compressor):
     density: float = 0.01
     seed: int = 0
     name = "randomk"
+    budget_param = "density"
     selection_passes = 0.5
     density_based = True
 

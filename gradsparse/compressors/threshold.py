@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from gradsparse._validate import check_density, check_nonnegative
+from gradsparse.checks import check_density, check_nonnegative
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
 from gradsparse.compressors.selection import Magnitudes, _top_of_candidates
 from gradsparse.payload import SparsePayload
@@ -24,6 +24,7 @@ class Threshold(Compressor):
     threshold: float = 1e-3
     max_density: Optional[float] = None
     name = "threshold"
+    budget_param = "threshold"
     selection_passes = 3.0
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from gradsparse._validate import check_density, check_int, check_probability
+from gradsparse.checks import check_density, check_int, check_probability
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
 from gradsparse.compressors.selection import (
     Magnitudes,
@@ -31,6 +31,7 @@ class TopK(Compressor):
 
     density: float = 0.01
     name = "topk"
+    budget_param = "density"
     selection_passes = 6.0
     density_based = True
 
@@ -60,6 +61,7 @@ class SampledTopK(Compressor):
     max_refinements: int = 6
     reuse_threshold: bool = True
     name = "sampled_topk"
+    budget_param = "density"
     density_based = True
 
     def __post_init__(self) -> None:

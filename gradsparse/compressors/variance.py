@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from gradsparse._validate import check_density, check_nonnegative, check_probability
+from gradsparse.checks import check_density, check_nonnegative, check_probability
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density, make_payload
 from gradsparse.compressors.selection import _top_of_candidates, flat_nonzero
 from gradsparse.payload import SparsePayload
@@ -43,6 +43,7 @@ class VarianceBased(Compressor):
     decay: float = 0.999
     max_density: Optional[float] = None
     name = "variance"
+    budget_param = "alpha"
     selection_passes = 8.0
     state_buffers = ("mean", "var", "acc_var")
 

@@ -207,8 +207,8 @@ def _pickled_state_resumes(rank, world):
     restored = pickle.loads(pickle.dumps(state))
     assert restored.process_group is None and restored._backend is None
     assert restored.step == 3
-    for name, tensor in state.error_feedback.residuals:
-        assert torch.equal(restored.error_feedback.residual(name), tensor)
+    for name, tensor in state.feedback.residuals:
+        assert torch.equal(restored.feedback.residual(name), tensor)
     return True
 
 
@@ -257,13 +257,13 @@ def _edge_cases(rank, world):
     ddp = nn.parallel.DistributedDataParallel(model)
     state = gs.register_sparse_hook(ddp, "topk", density=0.05)
     loss_of(ddp, rank, 0).backward()
-    before = {n: t.clone() for n, t in state.error_feedback.residuals}
+    before = {n: t.clone() for n, t in state.feedback.residuals}
     ddp.zero_grad()
     poison = float("inf") if rank == world - 1 else 1.0
     (loss_of(ddp, rank, 1) * poison).backward()
     compressed = [p for p in ddp.parameters() if p.numel() >= 1024]
     assert all(not torch.isfinite(p.grad).all() for p in compressed)
-    assert all(torch.equal(before[n], t) for n, t in state.error_feedback.residuals)
+    assert all(torch.equal(before[n], t) for n, t in state.feedback.residuals)
     assert state.stats()["nonfinite_buckets"] >= 1
 
     # 4. find_unused_parameters and no_sync accumulation: state stays keyed by name
@@ -285,7 +285,7 @@ def _edge_cases(rank, world):
         with ddp.no_sync():
             ddp(x).sum().backward()
         ddp(x).sum().backward()
-    names = set(state.error_feedback.names())
+    names = set(state.feedback.names())
     assert names == {"used.weight", "unused.weight"}, names
     copies = gather_all(torch.cat([p.grad.reshape(-1) for p in model.used.parameters()]))
     assert all(torch.equal(copies[0], c) for c in copies)

@@ -28,14 +28,14 @@ def _amp_with_forced_overflow(rank, world):
         if step in (4, 9) and rank == world - 1:
             loss = loss * float("inf")  # one rank overflows: every rank must skip the step
         before = flat_params(model)
-        residuals = {n: t.clone() for n, t in state.error_feedback.residuals}
+        residuals = {n: t.clone() for n, t in state.feedback.residuals}
         scale = scaler.get_scale()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         if step in (4, 9):
             assert torch.equal(flat_params(model), before), "an overflow step changed the weights"
-            assert all(torch.equal(residuals[n], t) for n, t in state.error_feedback.residuals)
+            assert all(torch.equal(residuals[n], t) for n, t in state.feedback.residuals)
             assert scaler.get_scale() == scale / 2
             skipped += 1
         assert _identical(flat_params(model))

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradsparse.train import _CHECKPOINT_FORMAT, UsageError, _load_own_state, _peer_failure, _rank_file, main
+from gradsparse.train import UsageError, main
+from gradsparse.train.checkpoint import CHECKPOINT_FORMAT, load_own_state, rank_file
+from gradsparse.train.launcher import peer_failure
 
 from .harness import descendants
 
@@ -180,7 +182,7 @@ def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_wi
     ],
 )
 def test_peer_failures_are_told_apart_from_other_errors(message, expected):
-    reason = _peer_failure(RuntimeError(message))
+    reason = peer_failure(RuntimeError(message))
     if expected is None:
         assert reason is None
     else:
@@ -190,19 +192,19 @@ def test_peer_failures_are_told_apart_from_other_errors(message, expected):
 def test_a_crash_between_per_rank_files_and_the_commit_resumes_the_previous_checkpoint(tmp_path):
     main_file = tmp_path / "cfg-seed0.pt"
     ckpt = {"world_size": 2, "epoch": 1, "step": 0, "hook": {"who": "rank0"}}
-    torch.save({"hook": {"who": "old"}, "epoch": 1, "step": 0}, _rank_file(main_file, 1, 1, 0))
+    torch.save({"hook": {"who": "old"}, "epoch": 1, "step": 0}, rank_file(main_file, 1, 1, 0))
     # rank 1 already wrote the next position when the job died; the main file still names (1, 0)
-    torch.save({"hook": {"who": "new"}, "epoch": 1, "step": 4}, _rank_file(main_file, 1, 1, 4))
-    assert _load_own_state(main_file, ckpt, 1, 2)["hook"] == {"who": "old"}
-    assert _load_own_state(main_file, ckpt, 0, 2)["hook"] == {"who": "rank0"}
+    torch.save({"hook": {"who": "new"}, "epoch": 1, "step": 4}, rank_file(main_file, 1, 1, 4))
+    assert load_own_state(main_file, ckpt, 1, 2)["hook"] == {"who": "old"}
+    assert load_own_state(main_file, ckpt, 0, 2)["hook"] == {"who": "rank0"}
     with pytest.raises(UsageError, match="written by 2 ranks, this run has 3"):
-        _load_own_state(main_file, ckpt, 1, 3)
-    _rank_file(main_file, 1, 1, 0).unlink()
+        load_own_state(main_file, ckpt, 1, 3)
+    rank_file(main_file, 1, 1, 0).unlink()
     with pytest.raises(UsageError, match="is missing"):
-        _load_own_state(main_file, ckpt, 1, 2)
-    torch.save({"hook": {}, "epoch": 0, "step": 8}, _rank_file(main_file, 1, 1, 0))  # renamed by hand
+        load_own_state(main_file, ckpt, 1, 2)
+    torch.save({"hook": {}, "epoch": 0, "step": 8}, rank_file(main_file, 1, 1, 0))  # renamed by hand
     with pytest.raises(UsageError, match="does not belong to checkpoint"):
-        _load_own_state(main_file, ckpt, 1, 2)
+        load_own_state(main_file, ckpt, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +229,7 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
 def test_resuming_a_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     ckpt = tmp_path / "checkpoints" / "topk_0.01-seed0.pt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"format": _CHECKPOINT_FORMAT, "model_name": "mlp"}, ckpt)
+    torch.save({"format": CHECKPOINT_FORMAT, "model_name": "mlp"}, ckpt)
     assert main(["--compare", "topk:0.01", "--model", "cnn", "--resume", "--out", str(tmp_path)]) == 2
     assert "was saved for model 'mlp', not 'cnn'" in capsys.readouterr().err
 

@@ -34,11 +34,19 @@ def main() -> None:
         density=0.02,
         min_compress_numel=min_numel,
     )
+    assert isinstance(opt, torch.optim.Optimizer)
+    # a scheduler that keeps the rate for STEPS steps, then drops it: drives our optimizer,
+    # and its changes reach the wrapped one
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=STEPS, gamma=0.5)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     for step in range(STEPS):
         opt.zero_grad()
         loss_of(model, hvd.rank(), step).backward()
         opt.step()
+        sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == 0.025, opt.optimizer.param_groups[0]["lr"]
+    saved = opt.state_dict()
+    assert saved["hook"]["step"] == STEPS and saved["hook"]["error_feedback"]["residuals"]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     everyone = hvd.allgather(flat.unsqueeze(0))
     assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ"

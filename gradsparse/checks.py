@@ -4,9 +4,18 @@ what was given, and what is allowed)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Iterable, List, Optional, Tuple
 
-__all__ = ["check_density", "check_nonnegative", "check_int", "check_choice", "check_probability"]
+import torch
+
+__all__ = [
+    "check_choice",
+    "check_density",
+    "check_int",
+    "check_named_parameters",
+    "check_nonnegative",
+    "check_probability",
+]
 
 
 def _is_real(value: Any) -> bool:
@@ -49,3 +58,17 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...] | list[Any]) ->
     if value not in choices:
         raise ValueError(f"Expected argument `{name}` to be one of {list(choices)}, but got {value!r}.")
     return value
+
+
+def check_named_parameters(named_parameters: Any) -> List[Tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs, as ``model.named_parameters()`` produces them."""
+    pairs = list(named_parameters) if isinstance(named_parameters, Iterable) else None
+    if not pairs or not all(
+        isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], torch.Tensor)
+        for pair in pairs
+    ):
+        raise ValueError(
+            "Expected argument `named_parameters` to be (name, parameter) pairs, "
+            "usually produced by `model.named_parameters()`."
+        )
+    return pairs

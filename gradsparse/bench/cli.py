@@ -1,0 +1,146 @@
+"""``gradsparse-bench``: does compression pay on your link? Measured, not assumed.
+
+    gradsparse-bench cluster up --ranks 4 --rate 1gbit     # emulated nodes (root), also down/status
+    gradsparse-bench run --world-sizes 4 --rates 1gbit --sizes 25e6 --densities 0.001,0.01,0.1
+    gradsparse-bench run --loopback ...                      # no root: unshaped 127.0.0.1
+    gradsparse-bench select --numel 25e6 --density 0.01     # the selection kernels alone
+
+``run`` times a full DDP step (backward, hook, wait) of one large parameter on every rank,
+for DDP's default allreduce, PyTorch's fp16 and PowerSGD (rank 1 and 4) hooks and the
+sparse hook with each compressor and collective, in the same run. Each configuration is
+first checked against a dense allreduce. It reports the median and interquartile range
+after warm-up, a time split, bytes per rank (the collectives' accounting and, on the
+emulated cluster, the interfaces' own counters), the speedup over DDP's allreduce and the
+ratio to the analytic limit (payload bytes at the link rate plus one memory pass). Output
+goes to JSON lines, CSV, a Markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from gradsparse.cluster import Cluster, ClusterError, parse_rate
+from gradsparse.report import write_csv
+
+from .configs import BASELINES
+from .select import select_bench
+from .sweep import configs_for, enrich, run_group
+from .tables import plots, table
+
+__all__ = ["build_parser", "main"]
+
+
+def _floats(text: str) -> List[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
+def _names(text: str) -> List[str]:
+    return [v for v in text.split(",") if v]
+
+
+def _add_run(sub: Any) -> None:
+    run = sub.add_parser("run", help="sweep configurations and report")
+    run.add_argument("--world-sizes", default="4", help="comma-separated numbers of ranks (default 4)")
+    run.add_argument("--rates", default="1gbit", help="comma-separated link rates, e.g. 100mbit,1gbit,10gbit")
+    run.add_argument("--loopback", action="store_true", help="no cluster: unshaped 127.0.0.1 (no root needed)")
+    run.add_argument("--sizes", default="1e6,25e6", help="comma-separated parameter sizes in entries")
+    run.add_argument("--densities", default="0.001,0.01,0.1", help="comma-separated densities of the sparse runs")
+    run.add_argument("--compressors", default="sampled_topk", help="comma-separated compressors")
+    run.add_argument(
+        "--collectives",
+        default="allgather,split_allgather,recursive_doubling,oktopk,auto",
+        help="comma-separated collectives",
+    )
+    run.add_argument("--baselines", default=",".join(BASELINES), help=f"comma-separated, among {list(BASELINES)}")
+    run.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
+    run.add_argument("--iters", type=int, default=5, help="timed steps per configuration")
+    run.add_argument("--delay", default=None, help="not available: this kernel has no netem")
+    run.add_argument("--out", default="runs/bench", help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradsparse-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    cl = sub.add_parser("cluster", help="build or remove the emulated cluster")
+    cl.add_argument("action", choices=["up", "down", "status"], help="build, remove, or show it")
+    cl.add_argument("--ranks", type=int, default=4, help="number of emulated nodes")
+    cl.add_argument("--rate", default="1gbit", help="link rate of every node, e.g. 1gbit")
+    cl.add_argument("--delay", default=None, help="not available: this kernel has no netem")
+    _add_run(sub)
+    sel = sub.add_parser("select", help="time the selection kernels against torch.topk")
+    sel.add_argument("--numel", type=float, default=25e6, help="tensor size in entries")
+    sel.add_argument("--density", type=float, default=0.01, help="fraction selected")
+    sel.add_argument("--out", default=None, help="also write the timings to this JSON file")
+    return parser
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    cluster = Cluster(args.ranks, args.rate)
+    if args.action == "up":
+        cluster.up()
+        print(f"cluster up: {args.ranks} namespaces {cluster.namespace(0)}.. at {args.rate}")
+    elif args.action == "down":
+        Cluster.check_privileges()
+        cluster.down()
+        print("cluster down")
+    else:
+        for row in cluster.status() or [{"namespace": "(none)", "address": "", "qdisc": ""}]:
+            print(f"{row['namespace']:<10}{row['address']:<14}{row['qdisc']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "select":
+            return select_bench(int(args.numel), args.density, args.out)
+        if getattr(args, "delay", None):
+            raise ClusterError("this kernel has no netem, so links emulate bandwidth only; drop --delay")
+        if args.command == "cluster":
+            return _cluster(args)
+        return _run(args)
+    except (ClusterError, ValueError) as exc:
+        print(f"gradsparse-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    baselines = _names(args.baselines)
+    for b in baselines:
+        if b not in BASELINES:
+            raise ValueError(f"unknown baseline {b!r}; expected some of {list(BASELINES)}")
+    worlds = [int(v) for v in args.world_sizes.split(",")]
+    rates: List[Optional[str]] = [None] if args.loopback else list(_names(args.rates))
+    for rate in rates:
+        if rate is not None:
+            parse_rate(rate)
+    if not args.loopback:
+        Cluster.check_privileges()
+    sizes = [int(v) for v in _floats(args.sizes)]
+    configs = configs_for(sizes, _floats(args.densities), _names(args.compressors), _names(args.collectives), baselines)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    for world in worlds:
+        for rate in rates:
+            group_file = out_dir / f"group-{world}-{rate or 'loopback'}.jsonl"
+            group_file.unlink(missing_ok=True)
+            run_group(world, rate, configs, args.warmup, args.iters, group_file)
+            rows += [{**json.loads(line), "rate": rate} for line in group_file.read_text().splitlines()]
+            group_file.unlink()
+    enrich(rows)
+    jsonl = out_dir / "results.jsonl"
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_csv(rows, out_dir / "results.csv")
+    text = table(rows)
+    (out_dir / "results.md").write_text(text + "\n")
+    print(text)
+    written = [jsonl, out_dir / "results.csv", out_dir / "results.md", *plots(rows, out_dir)]
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

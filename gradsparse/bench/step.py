@@ -1,0 +1,230 @@
+"""The benchmark worker: one rank timing full DDP steps of one large parameter for each
+configuration, after checking the result against a dense allreduce."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradsparse.comm import ring_allreduce_bytes
+from gradsparse.timing import median_seconds
+
+from .configs import Config
+
+__all__ = ["bench_one", "worker"]
+
+_SPLIT = ("compress_s", "communicate_s", "decompress_s")
+
+
+def _shape(numel: int) -> Tuple[int, int]:
+    return (numel // 1000, 1000) if numel % 1000 == 0 and numel >= 1000 else (1, numel)
+
+
+def _pass_seconds(numel: int) -> float:
+    x = torch.randn(numel)
+    buf = torch.empty_like(x)
+    return median_seconds(lambda: torch.abs(x, out=buf), repeats=4)
+
+
+def _wire_counters(interface: Optional[str]) -> Optional[int]:
+    if not interface:
+        return None
+    try:
+        return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
+    except OSError:
+        return None
+
+
+class _Inject(torch.autograd.Function):
+    """A scalar whose backward hands the parameter a prepared gradient: the step then costs
+    what DDP and the hook cost, not a 100 MB gradient computation."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.grad = grad
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> Any:
+        return ctx.grad, None
+
+
+class _OneParameter(nn.Module):
+    """One large parameter; its gradient is the one given to forward()."""
+
+    def __init__(self, shape: Tuple[int, int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, grad: torch.Tensor) -> torch.Tensor:
+        return _Inject.apply(self.weight, grad)
+
+
+def _make(cfg: Config) -> Tuple[_OneParameter, nn.parallel.DistributedDataParallel, Any]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+    import gradsparse as gs
+
+    module = _OneParameter(_shape(cfg.numel))
+    ddp = nn.parallel.DistributedDataParallel(
+        module, bucket_cap_mb=cfg.numel * 4 / 2**20 + 1, gradient_as_bucket_view=True
+    )
+    state = None
+    if cfg.method == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif cfg.method.startswith("powersgd"):
+        ps = powersgd.PowerSGDState(
+            process_group=None,
+            matrix_approximation_rank=int(cfg.method[-1]),
+            start_powerSGD_iter=2,
+            min_compression_rate=0.0,
+            use_error_feedback=True,
+            warm_start=True,
+        )
+        ddp.register_comm_hook(ps, powersgd.powerSGD_hook)
+    elif cfg.method == "sparse":
+        state = gs.register_sparse_hook(
+            ddp, cfg.compressor, density=cfg.density, collective=cfg.collective, min_compress_numel=0
+        )
+    return module, ddp, state
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, loose: bool = False) -> bool:
+    return bool(torch.allclose(a, b, rtol=1e-2 if loose else 1e-5, atol=1e-2 if loose else 1e-6))
+
+
+def _check(cfg: Config, grad: torch.Tensor) -> Tuple[bool, str, float]:
+    """One step on a fresh state against a dense allreduce (and, for sparse methods, the
+    sum of every rank's own selection): (correct, how checked, relative error vs dense)."""
+    from gradsparse import compressors
+
+    world = dist.get_world_size()
+    module, ddp, _ = _make(cfg)
+    ddp(grad).backward()
+    assert module.weight.grad is not None
+    result = module.weight.grad.reshape(-1).clone()
+    dense = grad.reshape(-1).clone()
+    dist.all_reduce(dense)
+    dense /= world
+    rel_error = float(torch.linalg.vector_norm(result - dense) / torch.linalg.vector_norm(dense))
+    if cfg.method in ("ddp", "fp16"):
+        return _close(result, dense, loose=cfg.method == "fp16"), "exact", rel_error
+    if cfg.method.startswith("powersgd"):
+        return True, "lossy (first steps are vanilla allreduce)", rel_error
+    local = compressors.build(cfg.compressor, density=cfg.density).compress(grad.reshape(-1)).to_dense()
+    dist.all_reduce(local)
+    local /= world
+    if cfg.collective == "oktopk":  # keeps the global top-k: a subset of the exact sparse sum
+        chosen = result != 0
+        return _close(result[chosen], local[chosen]), "subset", rel_error
+    if cfg.collective == "auto":  # auto may have sent this bucket dense
+        sparse_ok, dense_ok = _close(result, local), _close(result, dense)
+        return sparse_ok or dense_ok, "exact (" + ("sparse" if sparse_ok else "dense") + ")", rel_error
+    return _close(result, local), "exact", rel_error
+
+
+def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: Optional[str]) -> Dict[str, Any]:
+    """Median and quartiles of the step time, the time split, and bytes per step."""
+    _, ddp, state = _make(cfg)
+    times: List[float] = []
+    split = dict.fromkeys(_SPLIT, 0.0)
+    sent: List[float] = []
+    wire: List[int] = []
+    for i in range(warmup + iters):
+        before = state.stats() if state is not None else None
+        tx = _wire_counters(interface)
+        dist.barrier()
+        start = time.perf_counter()
+        ddp(grad).backward()  # through DDP's forward, so that its reducer runs
+        elapsed = time.perf_counter() - start
+        tx_after = _wire_counters(interface)
+        if i < warmup:
+            continue
+        times.append(elapsed)
+        if tx is not None and tx_after is not None:
+            wire.append(tx_after - tx)
+        if state is not None and before is not None:
+            after = state.stats()
+            for key in split:
+                split[key] += (after[key] - before[key]) / iters
+            sent.append(after["bytes_sent"] - before["bytes_sent"] + after["control_bytes"] - before["control_bytes"])
+    return {"times": times, "split": split, "sent": sent, "wire": wire}
+
+
+def _formula_bytes(cfg: Config, world: int) -> float:
+    rows, cols = _shape(cfg.numel)
+    low_rank = {"powersgd1": 1, "powersgd4": 4}.get(cfg.method)
+    if low_rank is not None:
+        return ring_allreduce_bytes(rows + cols, 4, world) * low_rank
+    return ring_allreduce_bytes(cfg.numel, 2 if cfg.method == "fp16" else 4, world)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) -> Dict[str, Any]:
+    """One configuration on every rank: the row rank 0 reports (worst rank's figures)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    grad = torch.randn(_shape(cfg.numel), generator=torch.Generator().manual_seed(1234 + rank))
+    ok, check, rel_error = _check(cfg, grad)
+    timed = _time(cfg, grad, warmup, iters, interface)
+    times = timed["times"]
+    # The slowest rank decides the step: take the max over ranks of each statistic.
+    summary = torch.tensor(
+        [statistics.median(times), _quantile(times, 0.25), _quantile(times, 0.75)], dtype=torch.float64
+    )
+    dist.all_reduce(summary, op=dist.ReduceOp.MAX)
+    ok_all = torch.tensor([int(ok)])
+    dist.all_reduce(ok_all, op=dist.ReduceOp.MIN)
+    sent = timed["sent"]
+    return {
+        **cfg.__dict__,
+        "label": cfg.label,
+        "world": world,
+        "median_s": float(summary[0]),
+        "q1_s": float(summary[1]),
+        "q3_s": float(summary[2]),
+        "correct": bool(ok_all.item()),
+        "check": check,
+        "rel_error_vs_dense": rel_error,
+        "bytes_per_rank": statistics.median(sent) if sent else _formula_bytes(cfg, world),
+        "wire_bytes_per_rank": statistics.median(timed["wire"]) if timed["wire"] else None,
+        "pass_s": _pass_seconds(cfg.numel),
+        **timed["split"],
+    }
+
+
+def worker(spec_path: str) -> None:
+    """One benchmark rank, started by the sweep with the spec file it wrote."""
+    torch.set_num_threads(1)
+    spec = json.loads(Path(spec_path).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.FileStore(spec["store_file"], world)  # no listening socket for the rendezvous
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    for raw in spec["configs"]:
+        row = bench_one(Config(**raw), spec["warmup"], spec["iters"], spec.get("interface"))
+        if dist.get_rank() == 0:
+            with open(spec["out"], "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # started by the sweep: python -m gradsparse.bench.step SPEC
+    import sys
+
+    worker(sys.argv[1])

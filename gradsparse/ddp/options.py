@@ -1,0 +1,76 @@
+"""The validated options of the sparse hook."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Set
+
+from gradsparse.checks import check_choice, check_density, check_int, check_probability
+from gradsparse.compressors import Compressor, available, registry
+from gradsparse.masking import WeightMasker
+
+__all__ = ["SCOPES", "HookOptions"]
+
+#: ``bucket``: select over a bucket's compressed parameters at once; ``layer``: per parameter
+SCOPES = ("bucket", "layer")
+
+
+@dataclass(frozen=True)
+class HookOptions:
+    """Everything that configures the hook besides the objects it is handed (compressor,
+    collective, backend, masker, grad scaler). Validated at construction.
+
+    Attributes:
+        error_feedback: keep what is not sent and add it to the next gradient.
+        momentum: DGC momentum correction factor (0 disables it).
+        min_compress_numel: parameters with fewer entries are sent dense.
+        start_step: the dense steps: before this step every bucket goes dense.
+        density_warmup_steps: the density ramp: over this many steps after ``start_step``
+            the density falls exponentially from ``warmup_initial_density`` to the
+            compressor's own, as in DGC.
+        warmup_initial_density: where the density ramp starts.
+        scope: ``"bucket"`` or ``"layer"`` (see :data:`SCOPES`).
+        log_every: a one-line summary on rank 0 every this many steps (0: never).
+    """
+
+    error_feedback: bool = True
+    momentum: float = 0.0
+    min_compress_numel: int = 1024
+    start_step: int = 0
+    density_warmup_steps: int = 0
+    warmup_initial_density: float = 0.25
+    scope: str = "bucket"
+    log_every: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"Expected argument `error_feedback` to be a bool, but got {self.error_feedback!r}.")
+        check_probability("momentum", self.momentum)
+        if self.momentum and not self.error_feedback:
+            raise ValueError("Argument `momentum` (DGC momentum correction) needs `error_feedback=True`.")
+        check_int("min_compress_numel", self.min_compress_numel)
+        check_int("start_step", self.start_step)
+        check_int("density_warmup_steps", self.density_warmup_steps)
+        check_density("warmup_initial_density", self.warmup_initial_density)
+        check_choice("scope", self.scope, SCOPES)
+        check_int("log_every", self.log_every)
+
+    @classmethod
+    def names(cls) -> Set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def check_against(self, compressor: Compressor, masker: Optional[WeightMasker]) -> None:
+        """Refuse combinations of these options with a compressor and a masker that cannot work."""
+        if self.density_warmup_steps and not compressor.density_based:
+            ramped = [n for n in available() if registry.get(n).density_based]
+            raise ValueError(
+                f"Argument `density_warmup_steps` needs a density-based compressor ({', '.join(ramped)}), "
+                f"but the compressor is {compressor.name!r}."
+            )
+        if masker is not None and compressor.state_buffers:
+            stateless = [n for n in available() if not registry.get(n).state_buffers]
+            raise ValueError(
+                f"the {compressor.name!r} compressor keeps per-coordinate state, which weight masks "
+                f"would reshape; use one of {stateless} with a masker"
+            )

@@ -1,0 +1,99 @@
+"""The one place that decides, per bucket and step, how a bucket travels: the dense
+steps (``start_step``), the density ramp, the dense steps of RigL mask regrowth, values
+only under weight masks, and whether the collective's cost model prefers dense.
+
+Every input to a decision is the same on every rank (the step, the plan, the masks, the
+counts every rank announced last time), so every rank decides the same."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from gradsparse.comm import Backend, Collective, SparseRoute
+from gradsparse.compressors import Compressor, NoCompression, k_for_density
+from gradsparse.masking import WeightMasker
+
+from .options import HookOptions
+from .plan import BucketPlan
+
+__all__ = ["HOOK_PASSES", "Decision", "Policy"]
+
+#: Read+write passes over a bucket that the sparse route costs the hook besides selection:
+#: the finiteness check, compensation, the error-feedback commit and the decode (measured:
+#: about 12 on the development machine).
+HOOK_PASSES = 12.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How one bucket travels this step."""
+
+    dense: bool
+    compressor: Compressor
+    masked: bool  # select (or send) among the active coordinates of the weight masks
+    work_numel: int  # entries selected over: the region, or its active coordinates
+    reason: str
+
+
+class Policy:
+    """Decides each bucket's route; remembers the counts ranks sent, per bucket."""
+
+    def __init__(
+        self, compressor: Compressor, options: HookOptions, collective: Collective, masker: Optional[WeightMasker]
+    ) -> None:
+        self.compressor = compressor
+        self.options = options
+        self.collective = collective
+        self.masker = masker
+        self._ramped: Dict[float, Compressor] = {}
+        self._mean_counts: Dict[str, float] = {}
+
+    def compressor_at(self, step: int) -> Compressor:
+        """The compressor with the density of the ramp at ``step``."""
+        ramp, into = self.options.density_warmup_steps, max(0, step - self.options.start_step)
+        if not ramp or into >= ramp:
+            return self.compressor
+        target = float(getattr(self.compressor, "density"))  # noqa: B009 - density-based (checked)
+        start = max(self.options.warmup_initial_density, target)
+        density = float(f"{start * (target / start) ** (into / ramp):.6g}")
+        if density not in self._ramped:
+            self._ramped[density] = dataclasses.replace(self.compressor, density=density)  # type: ignore[call-arg]
+        return self._ramped[density]
+
+    def decide(self, step: int, plan: BucketPlan, backend: Backend, like: torch.Tensor) -> Decision:
+        compressor = self.compressor_at(step)
+        numel = plan.numel
+        if step < self.options.start_step:
+            return Decision(numel > 0, compressor, False, numel, "dense steps")
+        masker = self.masker
+        if masker is not None and masker.needs_dense_gradients():
+            return Decision(numel > 0, compressor, False, numel, "mask regrowth")
+        active = plan.masks.refresh(masker, plan.layout, like) if masker is not None else None
+        masked = active is not None
+        work = numel if active is None else active.numel()
+        if masked and isinstance(compressor, NoCompression):
+            return Decision(work > 0, compressor, True, work, "active values")
+        if work and self._link_prefers_dense(compressor, plan.key, work, like.element_size(), backend):
+            return Decision(True, compressor, masked, work, "cost model")
+        return Decision(False, compressor, masked, work, "sparse")
+
+    def _link_prefers_dense(
+        self, compressor: Compressor, key: str, numel: int, itemsize: int, backend: Backend
+    ) -> bool:
+        if compressor.density_based:
+            expected: Optional[float] = k_for_density(getattr(compressor, "density"), numel)  # noqa: B009
+        else:
+            expected = self._mean_counts.get(key)
+        if expected is None:
+            return False
+        route = SparseRoute(numel, int(expected), itemsize, compressor.selection_passes + HOOK_PASSES)
+        return self.collective.prefers_dense(backend, route)
+
+    def learn(self, key: str, counts: tuple) -> None:
+        """Remember what every rank sent for this bucket (shared numbers: the headers')."""
+        if counts:
+            self._mean_counts[key] = sum(counts) / len(counts)

@@ -1,0 +1,198 @@
+"""The state of the sparse hook: options, the stores keyed by parameter name, and
+checkpointing and pickling. It decides and computes nothing itself: the policy decides,
+the hook's stages compute."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, Optional, Set, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from gradsparse import compressors as _compressors
+from gradsparse.comm import Backend, Collective, TorchDistBackend
+from gradsparse.comm import build as build_collective
+from gradsparse.compressors import Compressor
+from gradsparse.error_feedback import ErrorFeedback
+from gradsparse.masking import WeightMasker
+
+from .options import HookOptions
+from .plan import BucketPlanner, ParamNames
+from .policy import Policy
+from .selection import CompressorStates
+from .stats import HookStats
+
+__all__ = ["STATE_FORMAT", "SparseHookState"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "gradsparse.SparseHookState/1"
+
+
+class SparseHookState:
+    """State of :func:`~gradsparse.sparse_allreduce_hook`.
+
+    Args:
+        compressor: a :class:`~gradsparse.compressors.Compressor`, or a registered name
+            (built with its default parameters).
+        error_feedback, momentum, min_compress_numel, start_step, density_warmup_steps,
+            warmup_initial_density, scope, log_every: see :class:`HookOptions`.
+        collective: name of a ``gradsparse.comm`` collective, or an instance.
+        process_group: the group to sum over (default: the world). Dropped on pickling.
+        backend: a ready ``gradsparse.comm.Backend`` (e.g. ``MPIBackend``) instead of
+            ``torch.distributed`` on ``process_group``.
+        named_parameters: ``model.named_parameters()``, so that state is keyed by name.
+            Without it, parameters are named in the order the hook first sees them.
+        grad_scaler: a ``torch.amp.GradScaler``; residuals then follow loss-scale changes.
+        masker: a :class:`~gradsparse.masking.WeightMasker`: masked coordinates are skipped.
+    """
+
+    def __init__(
+        self,
+        compressor: Union[Compressor, str] = "topk",
+        *,
+        error_feedback: bool = True,
+        momentum: float = 0.0,
+        collective: Union[str, Collective] = "allgather",
+        process_group: Optional[dist.ProcessGroup] = None,
+        backend: Optional[Backend] = None,
+        min_compress_numel: int = 1024,
+        start_step: int = 0,
+        density_warmup_steps: int = 0,
+        warmup_initial_density: float = 0.25,
+        scope: str = "bucket",
+        named_parameters: Optional[Iterable[Tuple[str, torch.nn.Parameter]]] = None,
+        grad_scaler: Optional[Any] = None,
+        masker: Optional[WeightMasker] = None,
+        log_every: int = 0,
+    ) -> None:
+        # Configuration -------------------------------------------------------------------
+        self.compressor: Compressor = _compressor(compressor)
+        self.options = HookOptions(
+            error_feedback, momentum, min_compress_numel, start_step, density_warmup_steps,
+            warmup_initial_density, scope, log_every,
+        )  # fmt: skip
+        if masker is not None and not isinstance(masker, WeightMasker):
+            raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")
+        self.options.check_against(self.compressor, masker)
+        self.collective: Collective = collective if isinstance(collective, Collective) else build_collective(collective)
+        self.masker = masker
+        self.grad_scaler = grad_scaler
+
+        # Communication (not pickled) -------------------------------------------------------
+        self.process_group = process_group
+        self._backend = backend
+
+        # State keyed by parameter name, and the policy's memory ----------------------------
+        self.step = 0
+        self.feedback = ErrorFeedback(momentum)
+        self.selection = CompressorStates(self.compressor, scope)
+        self.names = ParamNames()
+        self.planner = BucketPlanner(self.names, min_compress_numel)
+        self.policy = Policy(self.compressor, self.options, self.collective, masker)
+        if named_parameters is not None:
+            self.attach(named_parameters)
+
+        # Statistics, and the parameters compiled DDP has handed over this step ---------------
+        self.counters = HookStats()
+        self.compiled_seen: Set[int] = set()
+        self._bound: Optional[int] = None  # id() of the DDP model served (not pickled)
+
+    def attach(self, named_parameters: Iterable[Tuple[str, torch.nn.Parameter]]) -> SparseHookState:
+        """Key state by these names (``model.named_parameters()``; for a DDP model the
+        names of ``ddp.module``)."""
+        self.names.attach(named_parameters)
+        self.planner.plans.clear()
+        return self
+
+    def bind(self, ddp: torch.nn.Module) -> None:
+        """Serve this DDP model (one per state): attach its parameter names, unless the
+        state was attached to this model already."""
+        if self._bound is not None and self._bound != id(ddp):
+            raise ValueError(
+                "this SparseHookState is already registered on another DDP model: a state holds one "
+                "model's residuals; build one state per model"
+            )
+        module = getattr(ddp, "module", ddp)
+        mine = set(self.names.by_id)
+        if not self.names.attached or any(id(p) not in mine for p in module.parameters()):
+            self.attach(module.named_parameters())
+        self._bound = id(ddp)
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = TorchDistBackend(self.process_group)
+        return self._backend
+
+    def grad_scale(self) -> float:
+        """The AMP loss scale the gradients carry now (1.0 without a scaler)."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return 1.0
+        return float(self.grad_scaler.get_scale())
+
+    def stats(self) -> Dict[str, float]:
+        """Cumulative communication statistics of this rank."""
+        return self.counters.summary(self.feedback.residuals.norm())
+
+    # Pickling (as PowerSGDState): drop the process group and backend --------------------
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["process_group"] = state["_backend"] = None
+        state["compiled_seen"] = set()
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.planner.plans.clear()
+        self.names.rebind()
+        self.compiled_seen = set()
+        logger.info("SparseHookState unpickled: it will use the default process group")
+
+    # Checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Residuals, compressor state, step and statistics; tensors and plain values only,
+        so ``torch.load(..., weights_only=True)`` reads it."""
+        return {
+            "format": STATE_FORMAT,
+            "compressor": self.compressor.name,
+            "step": self.step,
+            "error_feedback": self.feedback.state_dict(),
+            **self.selection.state_dict(),
+            "stats": self.counters.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a SparseHookState state_dict (expected format {STATE_FORMAT!r}, got {found!r})")
+        if state["compressor"] != self.compressor.name:
+            raise ValueError(
+                f"state_dict was saved with compressor {state['compressor']!r}, "
+                f"this state uses {self.compressor.name!r}"
+            )
+        self.step = int(state["step"])
+        self.feedback.load_state_dict(state["error_feedback"])
+        self.selection.load_state_dict(state)
+        self.counters = HookStats(**state["stats"])
+        self.planner.plans.clear()
+        if not self.names.attached and any(not n.startswith("param") for n in self.feedback.names()):
+            self.names.attach_required = (
+                "this state holds residuals keyed by parameter name (restored from a checkpoint); "
+                "call state.attach(model.named_parameters()) before training (register_sparse_hook does this)"
+            )
+
+
+def _compressor(compressor: Union[Compressor, str]) -> Compressor:
+    if isinstance(compressor, str):
+        compressor = _compressors.build(compressor)
+    if not isinstance(compressor, Compressor):
+        raise ValueError(
+            "Expected argument `compressor` to be a gradsparse Compressor or one of "
+            f"{_compressors.available()}, but got {compressor!r}."
+        )
+    return compressor

@@ -1,0 +1,19 @@
+"""``gradsparse-train``: one concern per module.
+
+==============  ===============================================================
+``config``      the ``--compare`` mini-language and the typed :class:`TrainConfig`
+``loop``        :func:`train`: one configuration on this rank
+``checkpoint``  crash-consistent checkpoints with every rank's own hook state
+``launcher``    one rank's work, the local elastic launcher, lost-peer reports
+``results``     summaries, the table, CSV and plots
+``cli``         argparse, validation, :func:`main`
+==============  ===============================================================
+"""
+
+from __future__ import annotations
+
+from .cli import main
+from .config import RunConfig, TrainConfig, UsageError, parse_config
+from .loop import train
+
+__all__ = ["RunConfig", "TrainConfig", "UsageError", "main", "parse_config", "train"]
