@@ -32,9 +32,9 @@ def test_public_modules_declare_all(path):
     if path.name.startswith("_") and path.name not in ("__init__.py",):
         return  # private modules (and __main__) need no __all__
     tree = ast.parse(path.read_text())
-    names = {
-        t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)
-    }
+    targets = [t for node in tree.body if isinstance(node, ast.Assign) for t in node.targets]
+    targets += [node.target for node in tree.body if isinstance(node, ast.AnnAssign)]
+    names = {t.id for t in targets if isinstance(t, ast.Name)}
     assert "__all__" in names, f"{path.relative_to(ROOT)} has no __all__"
 
 

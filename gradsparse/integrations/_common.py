@@ -1,0 +1,60 @@
+"""What the framework integrations share: registering the hook on a framework's DDP
+model, and the statistics they log."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+from gradsparse.compressors import Compressor
+from gradsparse.ddp import SparseHookState, register_sparse_hook
+
+__all__ = ["LOGGED", "HookOnModel", "missing"]
+
+#: the statistics the integrations log, as ``gradsparse/<name>``
+LOGGED = ("bytes_sent", "dense_bytes", "compression_ratio", "density", "residual_norm", "nonfinite_buckets")
+
+
+def missing(package: str, extra: str) -> ImportError:
+    return ImportError(f"gradsparse.integrations needs {package}: pip install 'gradsparse[{extra}]'")
+
+
+class HookOnModel:
+    """Registers the sparse hook on a DDP model once, and reports its statistics.
+
+    Args:
+        compressor: a compressor name or instance, with its parameters in ``options``.
+        state: a ready :class:`SparseHookState` instead (built in a parent process, or
+            restored from a checkpoint); then ``options`` must be empty.
+        options: the compressor's parameters and :class:`SparseHookState` options.
+    """
+
+    def __init__(
+        self, compressor: Union[str, Compressor] = "topk", *, state: Optional[SparseHookState] = None, **options: Any
+    ) -> None:
+        if state is not None and options:
+            raise ValueError(f"pass either `state` or options {sorted(options)}, not both")
+        self.compressor = compressor
+        self.options = options
+        self.state: Optional[SparseHookState] = state
+
+    def register(self, model: Any, where: str) -> SparseHookState:
+        """Register on ``model`` (``where`` names it for errors), which must be DDP."""
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"gradsparse needs a DistributedDataParallel model, but {where} is {type(model).__name__}: "
+                "train with a DDP strategy on two or more processes"
+            )
+        if self.state is not None and self.state in [s for _, s in getattr(model, "_comm_hooks", [])]:
+            return self.state  # registered already (a second fit on the same model)
+        self.state = register_sparse_hook(model, self.compressor, state=self.state, **self.options)
+        return self.state
+
+    def metrics(self) -> Dict[str, float]:
+        """This rank's cumulative statistics, finite numbers only, as ``gradsparse/<name>``."""
+        if self.state is None:
+            return {}
+        stats = self.state.stats()
+        return {f"gradsparse/{k}": float(stats[k]) for k in LOGGED if math.isfinite(float(stats[k]))}

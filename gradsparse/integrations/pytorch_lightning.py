@@ -1,0 +1,22 @@
+"""gradsparse for ``pytorch_lightning`` (``pip install 'gradsparse[lightning]'``)::
+
+from gradsparse.integrations.pytorch_lightning import SparseGradients
+trainer = pl.Trainer(strategy="ddp", callbacks=[SparseGradients("topk", density=0.01)])
+"""
+
+from __future__ import annotations
+
+from ._common import missing
+from ._lightning import LightningHook
+
+try:
+    from pytorch_lightning.callbacks import Callback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise missing("pytorch_lightning", "lightning") from exc
+
+__all__ = ["SparseGradients"]
+
+
+class SparseGradients(LightningHook, Callback):
+    """The sparse hook on the Trainer's DDP model, with its statistics in Lightning's logger.
+    Arguments as :class:`gradsparse.integrations._lightning.LightningHook`."""

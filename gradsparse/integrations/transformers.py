@@ -1,0 +1,56 @@
+"""gradsparse for the Hugging Face Trainer (``pip install 'gradsparse[transformers]'``).
+
+The Trainer has no comm-hook argument; one line registers the hook on its DDP model when
+training begins and adds the statistics to its logs (every ``report_to`` integration sees
+them, and ``trainer.state.log_history`` keeps them)::
+
+    from gradsparse.integrations.transformers import sparse_gradients
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    sparse_gradients(trainer, "topk", density=0.01)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from gradsparse.compressors import Compressor
+
+from ._common import HookOnModel, missing
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise missing("transformers", "transformers") from exc
+
+__all__ = ["SparseGradientsCallback", "sparse_gradients"]
+
+
+class SparseGradientsCallback(HookOnModel, TrainerCallback):
+    """Registers the hook on ``trainer.model_wrapped`` at the start of training and adds
+    the statistics to every log. Use :func:`sparse_gradients`, which also places it first,
+    so that the reporting callbacks see the statistics."""
+
+    def __init__(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.register(self.trainer.model_wrapped, "the Trainer's model")
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        metrics = self.metrics()
+        if logs is not None:
+            logs.update(metrics)
+        if state.log_history:
+            state.log_history[-1].update(metrics)
+
+
+def sparse_gradients(
+    trainer: Trainer, compressor: Union[str, Compressor] = "topk", **options: Any
+) -> SparseGradientsCallback:
+    """Make ``trainer`` sum sparse gradients: ``options`` are the compressor's parameters and
+    the hook's (see :func:`gradsparse.register_sparse_hook`), or ``state=`` a ready state."""
+    callback = SparseGradientsCallback(trainer, compressor, **options)
+    trainer.callback_handler.callbacks.insert(0, callback)  # before the reporting callbacks
+    return callback

@@ -1,0 +1,47 @@
+"""accelerate on 2 CPU ranks (under torchrun): the hook on the prepared model, with
+gradient accumulation through accelerator.accumulate. Rank 0 writes argv[1]."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from torch import nn
+
+import gradsparse as gs
+
+ACCUMULATE = 2
+
+
+def main() -> None:
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 20, generator=gen)
+    data = torch.utils.data.TensorDataset(x, (x[:, :5] * 3).argmax(1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    state = gs.register_sparse_hook(model, "topk", density=0.05, min_compress_numel=0)  # the one line
+    batches = 0
+    for inputs, labels in loader:
+        with accelerator.accumulate(model):
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+        batches += 1
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    assert all(torch.equal(copies[0], c) for c in copies), "replicas diverged"
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as fh:
+            json.dump({**state.stats(), "batches": batches, "distributed": str(accelerator.distributed_type)}, fh)
+    accelerator.end_training()  # destroys the process group: see README, "Shutting down"
+
+
+if __name__ == "__main__":
+    main()

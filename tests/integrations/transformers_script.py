@@ -1,0 +1,79 @@
+"""A Hugging Face Trainer run on 2 CPU ranks (under torchrun) with one line of gradsparse,
+ddp_find_unused_parameters on and a parameter no forward uses. Rank 0 writes argv[1]."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from gradsparse.integrations.transformers import sparse_gradients
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5))
+        self.unused = nn.Linear(64, 64)  # never in forward: DDP needs find_unused_parameters
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class Logs(TrainerCallback):
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
+
+
+def main() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 20, generator=gen)
+    data = [{"x": x[i], "labels": int((x[i, :5] * 3).argmax())} for i in range(len(x))]
+    args = TrainingArguments(
+        output_dir=sys.argv[2],
+        per_device_train_batch_size=8,
+        max_steps=8,
+        logging_steps=2,
+        learning_rate=0.05,
+        report_to="none",
+        use_cpu=True,
+        ddp_backend="gloo",
+        ddp_find_unused_parameters=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    logs = Logs()
+    model = Tiny()
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[logs])
+    sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0)
+    trainer.train()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    assert all(torch.equal(copies[0], c) for c in copies), "replicas diverged"
+    if dist.get_rank() == 0:
+        stats = sparse.state.stats()
+        history = [h for h in trainer.state.log_history if "gradsparse/bytes_sent" in h]
+        seen = [s for s in logs.seen if "gradsparse/bytes_sent" in s]
+        feedback = sparse.state.feedback
+        idle = sum(float(feedback.residual(n).abs().sum()) for n in feedback.names() if n.startswith("unused."))
+        names = sorted(n for n in feedback.names() if not n.startswith("unused."))
+        result = {**stats, "history": len(history), "seen": len(seen), "names": names, "idle_residual": idle}
+        with open(sys.argv[1], "w") as fh:
+            json.dump(result, fh)
+    dist.destroy_process_group()  # see README, "Shutting down"
+
+
+if __name__ == "__main__":
+    main()
