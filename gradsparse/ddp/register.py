@@ -29,13 +29,24 @@ def _check_ddp(ddp: Any) -> None:
             )
         return
     kind = type(ddp).__name__
-    hint = {
-        "FullyShardedDataParallel": "FSDP shards gradients with a reduce-scatter and takes no DDP comm hook",
-        "DataParallel": "DataParallel is single-process; use DistributedDataParallel with one process per device",
-    }.get(kind, "wrap the model in torch.nn.parallel.DistributedDataParallel first")
+    if _is_fsdp(ddp):
+        hint = "FSDP shards gradients with a reduce-scatter and takes no DDP comm hook"
+    elif isinstance(ddp, torch.nn.DataParallel):
+        hint = "DataParallel is single-process; use DistributedDataParallel with one process per device"
+    else:
+        hint = "wrap the model in torch.nn.parallel.DistributedDataParallel first"
     raise ValueError(
         f"Expected argument `ddp` to be a torch.nn.parallel.DistributedDataParallel model, but got {kind}: {hint}."
     )
+
+
+def _is_fsdp(model: Any) -> bool:
+    """FSDP1's wrapper, or a module that FSDP2's ``fully_shard`` turned into an FSDPModule."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
 
 
 def register_sparse_hook(

@@ -127,10 +127,15 @@ def test_compiled_ddp_calls_the_hook_per_parameter(compressor, params):
 
 
 def _refused(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     model = make_model()
+    sharded = fully_shard(make_model(), mesh=init_device_mesh("cpu", (world,)))  # FSDP2 runs on CPU
     for wrong, words in (
         (model, "got Sequential"),
         (nn.DataParallel(model), "DataParallel is single-process"),
+        (sharded, "FSDP shards gradients"),
     ):
         with pytest.raises(ValueError, match=words):
             gs.register_sparse_hook(wrong, "topk")
