@@ -12,6 +12,7 @@ from gradsparse import comm, compressors
 from gradsparse.ddp import SparseHookState, register_sparse_hook, sparse_allreduce_hook
 from gradsparse.error_feedback import ErrorFeedback
 from gradsparse.payload import SparsePayload
+from gradsparse.reshard import reshard_states
 
 __all__ = [
     "ErrorFeedback",
@@ -21,6 +22,7 @@ __all__ = [
     "comm",
     "compressors",
     "register_sparse_hook",
+    "reshard_states",
     "sparse_allreduce_hook",
 ]
 

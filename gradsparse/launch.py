@@ -123,11 +123,16 @@ def _warn_shared_elastic_store(env: Mapping[str, str]) -> bool:
     return False
 
 
-def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> LaunchInfo:
+def init_distributed(
+    backend: Optional[str] = None,
+    timeout: Optional[datetime.timedelta] = None,
+    store: Optional[dist.Store] = None,
+) -> LaunchInfo:
     """Initialise the default process group from the launcher's environment.
 
-    ``backend`` defaults to NCCL when CUDA is available, else gloo. Returns what was
-    detected. Raises when nothing is recognised, or when the process group's world size
+    ``backend`` defaults to NCCL when CUDA is available, else gloo. With ``store`` (a
+    ``FileStore``, say) the ranks meet through it instead of ``MASTER_ADDR``/``MASTER_PORT``.
+    Returns what was detected. Raises when nothing is recognised, or when the process group's world size
     does not match the environment's.
     """
     info = detect_launcher()
@@ -136,7 +141,7 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.t
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info.rank), str(info.world_size)
         os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     for var in ("MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
+        if var not in os.environ and store is None:
             raise RuntimeError(f"launched by {info.launcher}, but {var} is not set")
     _warn_shared_elastic_store(os.environ)
     if backend is None:
@@ -144,10 +149,10 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[datetime.t
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
-        if timeout is None:
-            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
-        else:
-            dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timeout)
+        options: dict = {"store": store} if store is not None else {}
+        if timeout is not None:
+            options["timeout"] = timeout
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **options)
     if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
         raise RuntimeError(
             f"world size mismatch: the {info.launcher} environment says rank {info.rank} of "

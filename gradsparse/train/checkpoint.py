@@ -5,11 +5,13 @@ own part to a file named by the position (epoch, step). Rank 0 then writes the m
 (model, optimizer and masks, identical everywhere, with its own hook state), which is the
 commit point: it names the position, so a restart reads either the old checkpoint with the
 old per-rank files or the new one with the new files, never a mix. Older per-rank files go
-only after the commit. Everything is read back with ``weights_only=True``.
+only after the commit. Everything is read back with ``weights_only=True``. A checkpoint
+written by N ranks resumes on M: the hook states are resharded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,13 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from gradsparse.reshard import reshard_states
+
 from .config import RunConfig, UsageError
 
 __all__ = ["CHECKPOINT_FORMAT", "Position", "checkpoint_path", "load_checkpoint", "load_own_state", "rank_file", "save"]
+
+logger = logging.getLogger("gradsparse.train")
 
 CHECKPOINT_FORMAT = "gradsparse-train/2"
 
@@ -114,13 +120,8 @@ def save(
                 old.unlink(missing_ok=True)
 
 
-def load_own_state(path: Path, ckpt: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
-    """This rank's part (``hook``, ``epoch_loss``) of the checkpoint ``ckpt`` read from ``path``."""
-    if ckpt.get("world_size", world) != world:
-        raise UsageError(
-            f"checkpoint {path} was written by {ckpt['world_size']} ranks, this run has {world}: "
-            "residuals are per rank, so resume with the same number of ranks"
-        )
+def _rank_part(path: Path, ckpt: Dict[str, Any], rank: int) -> Dict[str, Any]:
+    """Rank ``rank``'s own file of the checkpoint ``ckpt`` (rank 0's part is the main file)."""
     if rank == 0:
         return ckpt
     own = rank_file(path, rank, ckpt["epoch"], ckpt["step"])
@@ -130,3 +131,26 @@ def load_own_state(path: Path, ckpt: Dict[str, Any], rank: int, world: int) -> D
     if not isinstance(mine, dict) or (mine.get("epoch"), mine.get("step")) != (ckpt["epoch"], ckpt["step"]):
         raise UsageError(f"{own} does not belong to checkpoint {path}")
     return mine
+
+
+def load_own_state(path: Path, ckpt: Dict[str, Any], rank: int, world: int) -> Dict[str, Any]:
+    """This rank's part (``hook``, ``epoch_loss``) of the checkpoint ``ckpt`` read from ``path``.
+
+    Written by another number of ranks, every old rank's part is read and the hook states
+    are resharded (:func:`gradsparse.reshard_states`: per parameter, the mean residual over
+    the ranks is preserved); the epoch's partial loss sums go to rank 0."""
+    old = int(ckpt.get("world_size", world))
+    if old == world:
+        return _rank_part(path, ckpt, rank)
+    parts = [_rank_part(path, ckpt, r) for r in range(old)]
+    hooks = [p["hook"] for p in parts]
+    hook = None
+    if hooks[0] is not None:
+        try:
+            hook = reshard_states(hooks, world)[rank]
+        except ValueError as exc:
+            raise UsageError(f"cannot reshard checkpoint {path} from {old} to {world} ranks: {exc}") from None
+    loss = torch.stack([p["epoch_loss"] for p in parts]).sum(0) if rank == 0 else torch.zeros(2)
+    if rank == 0:
+        logger.info("checkpoint %s was written by %d ranks: resharded for %d", path, old, world)
+    return {"hook": hook, "epoch_loss": loss}

@@ -7,18 +7,19 @@ import datetime
 import logging
 import os
 import re
-import socket
 import sys
+import tempfile
 import uuid
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 
 from .config import TrainConfig
 from .loop import train
 
-__all__ = ["launch_local", "peer_failure", "worker"]
+__all__ = ["STORE_ENV", "launch_local", "peer_failure", "worker"]
 
 logger = logging.getLogger("gradsparse.train")
 
@@ -46,6 +47,20 @@ def _train_all(config: TrainConfig) -> List[Dict[str, Any]]:
     return rows
 
 
+#: set by :func:`launch_local`: the workers meet through a file store (one per restart round)
+STORE_ENV = "GRADSPARSE_LOCAL_STORE"
+_FILE_RENDEZVOUS = "gradsparse-file"
+
+
+def _local_store() -> Optional[dist.Store]:
+    base = os.environ.get(STORE_ENV)
+    if not base:
+        return None
+    # a fresh file each restart round: a restarted group never reads its dead predecessors' keys
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.FileStore(f"{base}.{restart}", int(os.environ["WORLD_SIZE"]))
+
+
 def worker(config: TrainConfig) -> Optional[List[Dict[str, Any]]]:
     """One rank: every configuration and seed in turn. Returns the rows on rank 0."""
     from gradsparse.launch import init_distributed
@@ -53,7 +68,8 @@ def worker(config: TrainConfig) -> Optional[List[Dict[str, Any]]]:
     logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING, format="%(message)s")
     torch.set_num_threads(1)
     if not dist.is_initialized():
-        init_distributed(backend="gloo", timeout=datetime.timedelta(seconds=config.timeout))
+        timeout = datetime.timedelta(seconds=config.timeout)
+        init_distributed(backend="gloo", timeout=timeout, store=_local_store())
     try:
         rows = _train_all(config)
     except KeyboardInterrupt:
@@ -80,26 +96,50 @@ def worker(config: TrainConfig) -> Optional[List[Dict[str, Any]]]:
     return rows if rank == 0 else None
 
 
+class _FileRendezvousBackend(C10dRendezvousBackend):
+    """torch elastic's c10d rendezvous state, kept in a file store."""
+
+    @property
+    def name(self) -> str:
+        return _FILE_RENDEZVOUS
+
+
+def _file_rendezvous(params: Any) -> Any:
+    """torch elastic's dynamic rendezvous over a file store at ``params.endpoint`` (a path):
+    the agent's rendezvous then listens on no socket at all."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    store = dist.FileStore(params.endpoint, -1)
+    return create_handler(store, _FileRendezvousBackend(store, params.run_id), params)
+
+
 def launch_local(config: TrainConfig) -> List[Dict[str, Any]]:
-    """Start ``config.ranks`` local ranks with torch's elastic launcher (what torchrun uses)."""
+    """Start ``config.ranks`` local ranks with torch's elastic launcher (what torchrun uses).
+    Nothing listens beyond loopback: the rendezvous and the ranks' process group meet through
+    files, and gloo binds to ``lo``."""
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=config.ranks,
-        run_id=uuid.uuid4().hex[:8],
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{port}",
-        max_restarts=config.max_restarts,
-        monitor_interval=0.5,
-    )
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Each rendezvous round gets its own store (rank 0 hosts it). With the agent's shared
-    # store, keys survive a restart and a restarted rank can read a dead peer's address.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    results = elastic_launch(launch, worker)(config)
+    rendezvous_handler_registry.register(_FILE_RENDEZVOUS, _file_rendezvous)  # again is a no-op
+    with tempfile.TemporaryDirectory(prefix="gradsparse-train-") as meet:
+        launch = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=config.ranks,
+            run_id=uuid.uuid4().hex[:8],
+            rdzv_backend=_FILE_RENDEZVOUS,
+            rdzv_endpoint=os.path.join(meet, "rendezvous"),
+            max_restarts=config.max_restarts,
+            monitor_interval=0.5,
+        )
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ[STORE_ENV] = os.path.join(meet, "store")
+        # Each rendezvous round gets its own store. With the agent's shared store, keys survive
+        # a restart and a restarted rank can read a dead peer's address.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+        try:
+            results = elastic_launch(launch, worker)(config)
+        finally:
+            os.environ.pop(STORE_ENV, None)
     return results[0] or []

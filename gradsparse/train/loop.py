@@ -88,8 +88,18 @@ def _resume(config: TrainConfig, run: RunConfig, seed: int, setup: _Setup) -> ch
         if ckpt.get("masks") is None:
             raise UsageError(f"checkpoint {path} has no masks, but --mask-sparsity is set")
         setup.masker.load_state_dict(ckpt["masks"])
-    logger.info("resumed %s (seed %d) at epoch %d, step %d", run.label, seed, ckpt["epoch"], ckpt["step"])
-    return checkpoint.Position(ckpt["epoch"], ckpt["step"], list(ckpt["records"]), own["epoch_loss"])
+    step = _steps_on(ckpt["step"], int(ckpt.get("world_size", dist.get_world_size())), setup.steps_per_epoch)
+    logger.info("resumed %s (seed %d) at epoch %d, step %d", run.label, seed, ckpt["epoch"], step)
+    return checkpoint.Position(ckpt["epoch"], step, list(ckpt["records"]), own["epoch_loss"])
+
+
+def _steps_on(step: int, old_world: int, per_epoch: int) -> int:
+    """A mid-epoch position written by ``old_world`` ranks, in this run's steps: as many
+    samples processed (which samples differs: each rank takes every world-th of the order)."""
+    world = dist.get_world_size()
+    if old_world == world:
+        return step
+    return min(per_epoch, math.ceil(step * old_world / world))
 
 
 def _save(config: TrainConfig, run: RunConfig, seed: int, setup: _Setup, at: checkpoint.Position) -> None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import pickle
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Set
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "flat_params", "gather_all", "descendants"]
+__all__ = ["descendants", "flat_params", "gather_all", "local_addresses", "run_distributed", "socket_inodes"]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float) -> None:
@@ -109,3 +110,35 @@ def descendants(root: int, marker: bytes = b"", *, children_only: bool = False) 
         if not children_only:
             frontier += kids
     return sorted(p for p in found if marker in cmdlines[p])
+
+
+def socket_inodes(pid: int) -> Set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:  # the process ended meanwhile
+        pass
+    return inodes
+
+
+def local_addresses(pid: str = "self") -> Dict[str, str]:
+    """inode -> local IP of every TCP socket in the network namespace of ``pid``."""
+    out = {}
+    for table, width in ((f"/proc/{pid}/net/tcp", 8), (f"/proc/{pid}/net/tcp6", 32)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:  # the process ended meanwhile
+            continue
+        for line in lines:
+            fields = line.split()
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(words) if width == 8 else ipaddress.IPv6Address(words)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            out[fields[9]] = str(addr)
+    return out

@@ -7,46 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Dict, Set
 
 import pytest
 
 from gradsparse.cluster import NETWORK
 
-from .harness import descendants
-
-
-def _socket_inodes(pid: int) -> Set[str]:
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:  # the process ended meanwhile
-        pass
-    return inodes
-
-
-def _local_addresses(pid: str = "self") -> Dict[str, str]:
-    """inode -> local IP of every TCP socket in the network namespace of ``pid``."""
-    out = {}
-    for table, width in ((f"/proc/{pid}/net/tcp", 8), (f"/proc/{pid}/net/tcp6", 32)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:  # the process ended meanwhile
-            continue
-        for line in lines:
-            fields = line.split()
-            raw = bytes.fromhex(fields[1].split(":")[0])
-            # the kernel prints each 32-bit word in host (little-endian) order
-            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            addr = ipaddress.ip_address(words) if width == 8 else ipaddress.IPv6Address(words)
-            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                addr = addr.ipv4_mapped
-            out[fields[9]] = str(addr)
-    return out
+from .harness import descendants, local_addresses, socket_inodes
 
 
 def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loopback(tmp_path):
@@ -60,8 +27,8 @@ def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loo
     seen: Dict[str, str] = {}
     try:
         while proc.poll() is None:
-            inodes = set().union(*(_socket_inodes(p) for p in [proc.pid, *descendants(proc.pid)]))
-            addresses = _local_addresses()
+            inodes = set().union(*(socket_inodes(p) for p in [proc.pid, *descendants(proc.pid)]))
+            addresses = local_addresses()
             seen.update({i: addresses[i] for i in inodes if i in addresses})
             time.sleep(0.05)
         out = proc.stdout.read()
@@ -101,8 +68,8 @@ def _namespaces() -> Set[str]:
 def _watch_sockets(proc: subprocess.Popen, seen: Dict[str, str], until=lambda: False) -> None:
     while proc.poll() is None and not until():
         for pid in descendants(proc.pid):
-            addresses = _local_addresses(str(pid))
-            seen.update({i: addresses[i] for i in _socket_inodes(pid) if i in addresses})
+            addresses = local_addresses(str(pid))
+            seen.update({i: addresses[i] for i in socket_inodes(pid) if i in addresses})
         time.sleep(0.05)
 
 

@@ -16,7 +16,7 @@ from gradsparse.train import UsageError, main
 from gradsparse.train.checkpoint import CHECKPOINT_FORMAT, load_own_state, rank_file
 from gradsparse.train.launcher import peer_failure
 
-from .harness import descendants
+from .harness import descendants, local_addresses, socket_inodes
 
 
 def _env() -> dict:
@@ -197,8 +197,8 @@ def test_a_crash_between_per_rank_files_and_the_commit_resumes_the_previous_chec
     torch.save({"hook": {"who": "new"}, "epoch": 1, "step": 4}, rank_file(main_file, 1, 1, 4))
     assert load_own_state(main_file, ckpt, 1, 2)["hook"] == {"who": "old"}
     assert load_own_state(main_file, ckpt, 0, 2)["hook"] == {"who": "rank0"}
-    with pytest.raises(UsageError, match="written by 2 ranks, this run has 3"):
-        load_own_state(main_file, ckpt, 1, 3)
+    with pytest.raises(UsageError, match=r"cannot reshard checkpoint .* from 2 to 3 ranks"):
+        load_own_state(main_file, ckpt, 1, 3)  # these hook states are not real ones
     rank_file(main_file, 1, 1, 0).unlink()
     with pytest.raises(UsageError, match="is missing"):
         load_own_state(main_file, ckpt, 1, 2)
@@ -240,3 +240,51 @@ def test_a_tampered_checkpoint_is_refused(tmp_path, capsys):
     ckpt.write_bytes(b"not a checkpoint at all")
     assert main(["--compare", "topk:0.01", "--resume", "--out", str(tmp_path)]) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err
+
+
+def _run_train(out: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gradsparse.train", "--out", str(out), *args]
+    merged = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    return subprocess.run(cmd, check=False, env=_env(), text=True, timeout=600, **merged)
+
+
+def _final_accuracy(out: Path):
+    table = rows(out)
+    last = max(int(r["epoch"]) for r in table)
+    return float(next(r for r in table if int(r["epoch"]) == last)["test_accuracy"]), last
+
+
+@pytest.mark.parametrize("before,after", [(2, 3), (4, 2)])
+def test_resume_on_another_number_of_ranks_reshards_and_trains_to_the_same_band(tmp_path, before, after):
+    common = ["--compressor", "topk", "--density", "0.05", "--checkpoint-every", "7", "--verbose"]
+    first = _run_train(tmp_path / "a", "--ranks", str(before), "--epochs", "2", *common)
+    assert first.returncode == 0, first.stdout[-3000:]
+    resumed = _run_train(tmp_path / "a", "--ranks", str(after), "--epochs", "4", "--resume", *common)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"was written by {before} ranks: resharded for {after}" in resumed.stdout, resumed.stdout[-3000:]
+    assert re.search(r"resumed topk:0.05 \(seed 0\) at epoch 2, step 0", resumed.stdout)
+    straight = _run_train(tmp_path / "b", "--ranks", str(before), "--epochs", "4", *common)
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    (acc_resumed, last_resumed), (acc_straight, last_straight) = map(_final_accuracy, (tmp_path / "a", tmp_path / "b"))
+    assert last_resumed == last_straight == 4
+    assert acc_resumed > 0.85 and abs(acc_resumed - acc_straight) < 0.05, (acc_resumed, acc_straight)
+
+
+def test_the_local_launcher_listens_only_on_loopback(tmp_path):
+    """``--ranks N``: the rendezvous and the ranks' process group meet through files, gloo
+    binds to lo; every TCP socket of the launcher and its ranks is on loopback."""
+    cmd = [sys.executable, "-m", "gradsparse.train", "--ranks", "2", "--epochs", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = {}
+    try:
+        while proc.poll() is None:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                addresses = local_addresses(str(pid))
+                seen.update({i: addresses[i] for i in socket_inodes(pid) if i in addresses})
+            time.sleep(0.05)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert seen, "no TCP socket of the ranks was observed"
+    assert set(seen.values()) <= {"127.0.0.1", "::1"}, seen
