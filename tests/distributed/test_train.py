@@ -288,3 +288,49 @@ def test_the_local_launcher_listens_only_on_loopback(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert seen, "no TCP socket of the ranks was observed"
     assert set(seen.values()) <= {"127.0.0.1", "::1"}, seen
+
+
+def test_under_torchrun_elastic_a_node_that_leaves_is_resumed_without(tmp_path):
+    """torchrun --nnodes 1:2, two agents ("nodes"), one rank each: the second node dies whole
+    after the first checkpoint. The survivor's rank fails with one line, its agent restarts
+    the group with the one node left, and that rank resumes the 2-rank checkpoint on 1 rank:
+    the hook state is resharded, and training finishes."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    agents, logs = [], []
+    for node in (0, 1):
+        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
+        logs.append(log)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "leave-test"]
+        cmd += ["--rdzv-conf", "last_call_timeout=1", "--max-restarts", "1", "--monitor-interval", "0.5"]
+        cmd += ["-m", "gradsparse.train", "--epochs", "40", "--checkpoint-every", "4", "--verbose"]
+        cmd += ["--timeout", "30", "--out", str(tmp_path / "out")]
+        env = dict(_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        agents.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(1.0 if node == 0 else 0.0)  # node 0 hosts the rendezvous store
+    try:
+        ckpt = tmp_path / "out" / "checkpoints" / "topk-seed0.pt"
+        deadline = time.monotonic() + 300
+        while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+            time.sleep(0.02)
+        assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
+        node = [agents[1].pid, *descendants(agents[1].pid)]  # the whole node: its agent and its rank
+        for pid in node:  # (torch elastic starts each rank in a process group of its own)
+            os.kill(pid, signal.SIGKILL)
+        survivor = agents[0].wait(timeout=300)
+    finally:
+        for agent in agents:
+            agent.kill()
+        for log in logs:
+            log.close()
+    out = (tmp_path / "node0.log").read_text()
+    assert survivor == 0, out[-5000:]
+    assert "a peer rank died or stopped responding" in out, out[-5000:]
+    assert "was written by 2 ranks: resharded for 1" in out, out[-5000:]
+    assert re.search(r"resumed topk \(seed 0\) at epoch \d+, step \d+", out), out[-5000:]
+    table = rows(tmp_path / "out")
+    assert max(int(r["epoch"]) for r in table) == 40
