@@ -193,6 +193,13 @@ class Cluster:
                 rows.append({"namespace": self.namespace(r), "address": self.address(r), "qdisc": qdisc.stdout.strip()})
         return rows
 
+    def set_link(self, rank: int, up: bool) -> None:
+        """Cut (``up=False``) or restore rank ``rank``'s link, as an unplugged cable would:
+        its veth goes down, and every packet to or from it is lost until it comes back."""
+        if not 0 <= rank < self.ranks:
+            raise ValueError(f"Expected `rank` in [0, {self.ranks}), but got {rank!r}.")
+        _run(["ip", "-n", self.namespace(rank), "link", "set", self.interface, "up" if up else "down"])
+
     def __enter__(self) -> Cluster:
         self.up()
         return self
