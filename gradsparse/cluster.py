@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 __all__ = ["Cluster", "ClusterError", "parse_rate"]
 
@@ -62,11 +62,21 @@ class Cluster:
     ranks: int
     rate: str = "1gbit"
     prefix: str = "gsb"
+    #: (rank, rate) pairs: these ranks' links run at their own rate (a degraded node)
+    slow: Tuple[Tuple[int, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.ranks, int) or not 1 <= self.ranks <= 250:
             raise ValueError(f"Expected `ranks` to be an int in [1, 250], but got {self.ranks!r}.")
         parse_rate(self.rate)
+        for rank, rate in self.slow:
+            if not isinstance(rank, int) or not 0 <= rank < self.ranks:
+                raise ValueError(f"Expected a slow rank in [0, {self.ranks}), but got {rank!r}.")
+            parse_rate(rate)
+
+    def rate_of(self, rank: int) -> str:
+        """The rate of rank ``rank``'s link."""
+        return dict(self.slow).get(rank, self.rate)
         if not _PREFIX.match(self.prefix):
             raise ValueError(f"Expected `prefix` to be 2-8 lowercase letters or digits, but got {self.prefix!r}.")
 
@@ -143,12 +153,12 @@ class Cluster:
             _run(["ip", "-n", br, "link", "set", bridge_end, "master", "br0"])
             _run(["ip", "-n", br, "link", "set", bridge_end, "up"])
             # tbf shapes egress only: shape both ends of the pair.
-            self._shape(ns, self.interface)
-            self._shape(br, bridge_end)
+            self._shape(ns, self.interface, self.rate_of(r))
+            self._shape(br, bridge_end, self.rate_of(r))
         logger.info("cluster up: %d ranks at %s", self.ranks, self.rate)
 
-    def _shape(self, ns: str, dev: str) -> None:
-        bits = parse_rate(self.rate)
+    def _shape(self, ns: str, dev: str, rate: str) -> None:
+        bits = parse_rate(rate)
         burst = max(int(bits / 8 / _HZ), 64 * 1024)  # at least rate/HZ, or tbf cannot reach the rate
         _run(
             [
@@ -162,7 +172,7 @@ class Cluster:
                 "root",
                 "tbf",
                 "rate",
-                self.rate,
+                rate,
                 "burst",
                 str(burst),
                 "latency",

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from gradsparse.cluster import Cluster, ClusterError, parse_rate
 from gradsparse.report import write_csv
@@ -38,6 +38,14 @@ def _floats(text: str) -> List[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def _slow_rank(text: str) -> Tuple[int, str]:
+    rank, _, rate = text.partition(":")
+    if not rank.isdigit() or not rate:
+        raise ValueError(f"Expected --slow-rank RANK:RATE (e.g. 3:100mbit), but got {text!r}.")
+    parse_rate(rate)
+    return int(rank), rate
+
+
 def _names(text: str) -> List[str]:
     return [v for v in text.split(",") if v]
 
@@ -47,6 +55,13 @@ def _add_run(sub: Any) -> None:
     run.add_argument("--world-sizes", default="4", help="comma-separated numbers of ranks (default 4)")
     run.add_argument("--rates", default="1gbit", help="comma-separated link rates, e.g. 100mbit,1gbit,10gbit")
     run.add_argument("--loopback", action="store_true", help="no cluster: unshaped 127.0.0.1 (no root needed)")
+    run.add_argument(
+        "--slow-rank",
+        action="append",
+        default=[],
+        metavar="RANK:RATE",
+        help="give one rank's link its own rate, e.g. 3:100mbit (a degraded node); repeatable",
+    )
     run.add_argument("--sizes", default="1e6,25e6", help="comma-separated parameter sizes in entries")
     run.add_argument("--densities", default="0.001,0.01,0.1", help="comma-separated densities of the sparse runs")
     run.add_argument("--compressors", default="sampled_topk", help="comma-separated compressors")
@@ -122,6 +137,9 @@ def _run(args: argparse.Namespace) -> int:
             parse_rate(rate)
     if not args.loopback:
         Cluster.check_privileges()
+    slow = tuple(_slow_rank(v) for v in args.slow_rank)
+    if slow and args.loopback:
+        raise ValueError("--slow-rank shapes the emulated cluster's links; drop --loopback")
     sizes = [int(v) for v in _floats(args.sizes)]
     configs = configs_for(sizes, _floats(args.densities), _names(args.compressors), _names(args.collectives), baselines)
     out_dir = Path(args.out)
@@ -131,8 +149,11 @@ def _run(args: argparse.Namespace) -> int:
         for rate in rates:
             group_file = out_dir / f"group-{world}-{rate or 'loopback'}.jsonl"
             group_file.unlink(missing_ok=True)
-            run_group(world, rate, configs, args.warmup, args.iters, group_file)
-            rows += [{**json.loads(line), "rate": rate} for line in group_file.read_text().splitlines()]
+            run_group(world, rate, configs, args.warmup, args.iters, group_file, slow)
+            slow_here = ",".join(f"r{r}:{v}" for r, v in slow if r < world)
+            rows += [
+                {**json.loads(line), "rate": rate, "slow": slow_here} for line in group_file.read_text().splitlines()
+            ]
             group_file.unlink()
     enrich(rows)
     jsonl = out_dir / "results.jsonl"

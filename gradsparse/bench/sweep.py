@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from gradsparse.cluster import Cluster, parse_rate
 
@@ -71,9 +71,18 @@ def _follow(procs: List[subprocess.Popen], out: Path, total: int, desc: str) -> 
                 raise RuntimeError(f"a benchmark rank exited with code {failed[0].returncode}")
 
 
-def run_group(world: int, rate: Optional[str], configs: List[Config], warmup: int, iters: int, out: Path) -> None:
-    """All configurations at one world size and link rate, on one cluster (or loopback)."""
-    cluster = None if rate is None else Cluster(world, rate)
+def run_group(
+    world: int,
+    rate: Optional[str],
+    configs: List[Config],
+    warmup: int,
+    iters: int,
+    out: Path,
+    slow: Tuple[Tuple[int, str], ...] = (),
+) -> None:
+    """All configurations at one world size and link rate, on one cluster (or loopback);
+    ``slow`` gives some ranks' links a rate of their own."""
+    cluster = None if rate is None else Cluster(world, rate, slow=tuple(s for s in slow if s[0] < world))
     spec: Dict[str, Any] = {"configs": [c.__dict__ for c in configs], "warmup": warmup, "iters": iters, "out": str(out)}
     procs: List[subprocess.Popen] = []
     # The ranks meet through a file, not a TCPStore (whose server listens on every

@@ -31,7 +31,7 @@ def _cells(r: Dict[str, Any]) -> List[str]:
     wire = f"{r['wire_bytes_per_rank'] / 1e6:.2f}" if r.get("wire_bytes_per_rank") else "-"
     return [
         str(r["world"]),
-        r.get("rate") or "loopback",
+        (r.get("rate") or "loopback") + (f" ({r['slow']})" if r.get("slow") else ""),
         f"{r['numel'] / 1e6:g}M",
         r["label"],
         f"{r['density']:g}" if sparse else "-",

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import gradsparse as gs
 
 from .harness import flat_params, gather_all, run_distributed
-from .test_hook import loss_of, make_model
+from .test_ddp_hook import loss_of, make_model
 
 # --- a state pickled into spawned workers ------------------------------------------------
 

@@ -7,7 +7,7 @@ from torch import nn
 import gradsparse as gs
 
 from .harness import flat_params, gather_all, run_distributed
-from .test_hook import loss_of, make_model
+from .test_ddp_hook import loss_of, make_model
 
 
 def _identical(tensor):

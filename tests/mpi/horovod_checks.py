@@ -11,7 +11,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gradsparse.horovod import DistributedOptimizer
-from tests.distributed.test_hook import loss_of, make_model
+from tests.distributed.test_ddp_hook import loss_of, make_model
 
 STEPS = 12
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import gradsparse as gs
 from tests.distributed.harness import flat_params, run_distributed
-from tests.distributed.test_hook import loss_of, make_model
+from tests.distributed.test_ddp_hook import loss_of, make_model
 
 hvd = pytest.importorskip(
     "horovod.torch", reason="Horovod is not installed: build it for this torch with scripts/install-horovod"

@@ -111,3 +111,16 @@ def test_restarts_into_torchruns_shared_store_are_warned_about(env, warns, caplo
     with caplog.at_level(logging.WARNING, logger="gradsparse.launch"):
         assert _warn_shared_elastic_store(env) is warns
     assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) is warns
+
+
+def test_cluster_ranks_may_have_links_of_their_own():
+    from gradsparse.cluster import Cluster
+
+    cluster = Cluster(4, "1gbit", slow=((3, "100mbit"),))
+    assert [cluster.rate_of(r) for r in range(4)] == ["1gbit", "1gbit", "1gbit", "100mbit"]
+    with pytest.raises(ValueError, match=r"slow rank in \[0, 4\), but got 4"):
+        Cluster(4, "1gbit", slow=((4, "100mbit"),))
+    with pytest.raises(ValueError, match="link rate like"):
+        Cluster(4, "1gbit", slow=((1, "fast"),))
+    with pytest.raises(ValueError, match="rank"):
+        Cluster(2, "1gbit").set_link(2, up=False)
