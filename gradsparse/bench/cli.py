@@ -6,7 +6,7 @@
     gradsparse-bench select --numel 25e6 --density 0.01     # the selection kernels alone
 
 ``run`` times a full DDP step (backward, hook, wait) of one large parameter on every rank,
-for DDP's default allreduce, PyTorch's fp16 and PowerSGD (rank 1 and 4) hooks and the
+for DDP's default allreduce, PyTorch's bf16, fp16 and PowerSGD (rank 1 and 4) hooks and the
 sparse hook with each compressor and collective, in the same run. Each configuration is
 first checked against a dense allreduce. It reports the median and interquartile range
 after warm-up, a time split, bytes per rank (the collectives' accounting and, on the

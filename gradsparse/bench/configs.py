@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 __all__ = ["BASELINES", "Config"]
 
-#: DDP's allreduce and PyTorch's own compression hooks, measured in the same run
-BASELINES = ("ddp", "fp16", "powersgd1", "powersgd4")
+#: DDP's allreduce and PyTorch's own compression hooks, measured in the same run (16-bit is
+#: the honest baseline to beat: Han et al. 2024)
+BASELINES = ("ddp", "bf16", "fp16", "powersgd1", "powersgd4")
+#: the baselines that halve the bytes by casting to a 16-bit type
+HALF = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)

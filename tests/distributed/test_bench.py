@@ -19,7 +19,7 @@ from .harness import descendants, local_addresses, socket_inodes
 def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loopback(tmp_path):
     cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--loopback", "--world-sizes", "2"]
     cmd += ["--sizes", "2e5", "--densities", "0.01,0.1", "--collectives", "allgather,oktopk,auto"]
-    cmd += ["--baselines", "ddp,fp16", "--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
+    cmd += ["--baselines", "ddp,bf16,fp16", "--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -39,8 +39,8 @@ def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loo
     assert set(seen.values()) <= {"127.0.0.1", "::1"}, seen
 
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert {r["label"] for r in rows} >= {"ddp", "fp16"}
-    assert len(rows) == 2 + 2 * 3
+    assert {r["label"] for r in rows} >= {"ddp", "bf16", "fp16"}
+    assert len(rows) == 3 + 2 * 3
     assert all(r["correct"] for r in rows), [(r["label"], r["check"]) for r in rows if not r["correct"]]
     assert all(r["median_s"] > 0 and r["bytes_per_rank"] > 0 for r in rows)
     sparse = [r for r in rows if r["method"] == "sparse"]
