@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 import torch
 
 from gradsparse.buffers import reusable
-from gradsparse.payload import SparsePayload, index_dtype_for
+from gradsparse.payload import SparsePayload
 from gradsparse.registry import Registry
 
 from ._common import bounds, decode_all
@@ -151,12 +151,7 @@ class Collective(ABC):
         order instead (:func:`allreduce_ordered`): the same bits on every transport and for
         any layout, at the same byte count. NaN/inf travel in the sum."""
         if validate:
-            empty = SparsePayload(
-                torch.empty(0, dtype=index_dtype_for(tensor.numel()), device=tensor.device),
-                torch.empty(0, dtype=tensor.dtype, device=tensor.device),
-                tensor.numel(),
-            )
-            exchange_headers(backend, empty, _flags(False, failed))
+            exchange_headers(backend, SparsePayload.empty(tensor.numel(), tensor), _flags(False, failed))
         native = None if rank_order else backend.allreduce_native(tensor)
         return native if native is not None else allreduce_ordered(tensor, backend)
 

@@ -95,18 +95,17 @@ class ErrorFeedback:
     def _stores(self) -> List[ParamStore]:
         return [self.residuals, self.velocity] if self.momentum else [self.residuals]
 
-    def _held(self, layout: Layout, like: torch.Tensor, keep: Collection[str]) -> List[Tuple[torch.Tensor, int, int]]:
-        """Copies of the kept parameters' state, for :meth:`_restore`."""
-        spans = _spans(layout, keep)
-        if not spans:
-            return []
-        return [(store.flat(layout, like)[a:b].clone(), a, b) for store in self._stores() for a, b in spans]
-
-    def _restore(self, layout: Layout, like: torch.Tensor, held: List[Tuple[torch.Tensor, int, int]]) -> None:
-        stores = self._stores()
-        per_store = len(held) // len(stores) if held else 0
-        for i, (saved, a, b) in enumerate(held):
-            stores[i // per_store].flat(layout, like)[a:b].copy_(saved)
+    def _held(
+        self, layout: Layout, like: torch.Tensor, keep: Collection[str]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(view, copy) of the kept parameters' state: writing the copy back into the view
+        restores it (the flat tensor of a layout is the same until the layout changes)."""
+        return [
+            (view, view.clone())
+            for store in self._stores()
+            for a, b in _spans(layout, keep)
+            for view in (store.flat(layout, like)[a:b],)
+        ]
 
     def update(
         self,
@@ -131,7 +130,8 @@ class ErrorFeedback:
             velocity = self.velocity.flat(layout, compensated)
             velocity.copy_(new_velocity)
             velocity[sent] = 0
-        self._restore(layout, compensated, held)
+        for view, saved in held:
+            view.copy_(saved)
         for name, _ in layout:
             self.scales[name] = scale
 
@@ -143,7 +143,8 @@ class ErrorFeedback:
         held = self._held(layout, like, keep)
         for store in self._stores():
             store.flat(layout, like).zero_()
-        self._restore(layout, like, held)
+        for view, saved in held:
+            view.copy_(saved)
         for name, _ in layout:
             self.scales[name] = scale
         if not self.momentum:

@@ -29,6 +29,15 @@ class SparsePayload:
     values: torch.Tensor
     numel: int
 
+    @classmethod
+    def empty(cls, numel: int, like: torch.Tensor) -> SparsePayload:
+        """No entries, for a tensor of ``numel`` entries of ``like``'s dtype and device."""
+        return cls(
+            torch.empty(0, dtype=index_dtype_for(numel), device=like.device),
+            torch.empty(0, dtype=like.dtype, device=like.device),
+            numel,
+        )
+
     @property
     def count(self) -> int:
         return int(self.indices.numel())

@@ -26,8 +26,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from gradsparse.comm import PeerError, Reduced, ring_allreduce_bytes
-from gradsparse.payload import SparsePayload, index_dtype_for
+from gradsparse.comm import PeerError, Reduced, completed_future, ring_allreduce_bytes
+from gradsparse.payload import SparsePayload
 
 from .plan import BucketPlan
 from .policy import Decision
@@ -79,21 +79,13 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _empty_payload(numel: int, like: torch.Tensor) -> SparsePayload:
-    return SparsePayload(
-        torch.empty(0, dtype=index_dtype_for(numel), device=like.device),
-        torch.empty(0, dtype=like.dtype, device=like.device),
-        numel,
-    )
-
-
 def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch.Tensor]) -> BucketStep:
     """Plan and decide, then gather the region. Nothing here may fail on one rank only."""
     plan = state.planner.plan(params)
     decision = state.policy.decide(state.step, plan, state.backend, buffer)
     region = plan.gather(buffer)
     active = plan.masks.active if decision.masked else None
-    payload = _empty_payload(decision.work_numel, buffer)
+    payload = SparsePayload.empty(decision.work_numel, buffer)
     return BucketStep(plan, decision, buffer, region, region, active, payload, started=time.perf_counter())
 
 
@@ -245,16 +237,14 @@ def _sparse_gradient(state: SparseHookState, grad: torch.Tensor) -> torch.future
     already sparse, so nothing is selected and nothing is kept back."""
     backend = state.backend
     world = backend.size
-    coalesced = grad.coalesce() if grad.is_sparse else grad
+    coalesced = grad.coalesce()
     nbytes = coalesced._indices().numel() * 8 + coalesced._values().numel() * coalesced.element_size()
     state.counters.bytes_sent += (world - 1) * nbytes  # gloo sums sparse tensors by allgather
     state.counters.messages += world - 1
     state.counters.dense_bytes += ring_allreduce_bytes(grad.numel(), grad.element_size(), world)
     coalesced = coalesced.div_(world)
     if world == 1:
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(coalesced)
-        return fut
+        return completed_future(coalesced)
     work = dist.all_reduce(coalesced, group=state.process_group, async_op=True)
     return work.get_future().then(lambda f: f.value()[0])
 

@@ -6,7 +6,9 @@ import datetime
 import ipaddress
 import os
 import pickle
+import subprocess
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Set
@@ -15,7 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["descendants", "flat_params", "gather_all", "local_addresses", "run_distributed", "socket_inodes"]
+__all__ = [
+    "descendants",
+    "flat_params",
+    "gather_all",
+    "local_addresses",
+    "run_distributed",
+    "socket_inodes",
+    "watch_sockets",
+]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, workdir: str, args: tuple, timeout: float) -> None:
@@ -142,3 +152,13 @@ def local_addresses(pid: str = "self") -> Dict[str, str]:
                 addr = addr.ipv4_mapped
             out[fields[9]] = str(addr)
     return out
+
+
+def watch_sockets(proc: subprocess.Popen, seen: Dict[str, str], until: Callable[[], bool] = lambda: False) -> None:
+    """Until ``proc`` ends (or ``until()``), record inode -> local address of every TCP socket
+    that ``proc`` or a process below it holds, each read in that process's network namespace."""
+    while proc.poll() is None and not until():
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            addresses = local_addresses(str(pid))
+            seen.update({i: addresses[i] for i in socket_inodes(pid) if i in addresses})
+        time.sleep(0.05)

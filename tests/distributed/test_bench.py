@@ -13,7 +13,7 @@ import pytest
 
 from gradsparse.cluster import NETWORK
 
-from .harness import descendants, local_addresses, socket_inodes
+from .harness import descendants, local_addresses, socket_inodes, watch_sockets
 
 
 def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loopback(tmp_path):
@@ -65,14 +65,6 @@ def _namespaces() -> Set[str]:
     return {line.split()[0] for line in listing.splitlines() if line.startswith("gsb")}
 
 
-def _watch_sockets(proc: subprocess.Popen, seen: Dict[str, str], until=lambda: False) -> None:
-    while proc.poll() is None and not until():
-        for pid in descendants(proc.pid):
-            addresses = local_addresses(str(pid))
-            seen.update({i: addresses[i] for i in socket_inodes(pid) if i in addresses})
-        time.sleep(0.05)
-
-
 needs_root = pytest.mark.skipif(not _can_build_namespaces(), reason="needs root and network namespaces")
 
 
@@ -85,7 +77,7 @@ def test_shaped_cluster_run_binds_inside_its_namespaces_and_tears_them_down(tmp_
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: Dict[str, str] = {}
     try:
-        _watch_sockets(proc, seen)
+        watch_sockets(proc, seen)
         out = proc.stdout.read()
     finally:
         proc.kill()

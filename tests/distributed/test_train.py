@@ -16,7 +16,7 @@ from gradsparse.train import UsageError, main
 from gradsparse.train.checkpoint import CHECKPOINT_FORMAT, load_own_state, rank_file
 from gradsparse.train.launcher import peer_failure
 
-from .harness import descendants, local_addresses, socket_inodes
+from .harness import descendants, watch_sockets
 
 
 def _env() -> dict:
@@ -126,31 +126,55 @@ def test_a_rank_killed_by_sigkill_is_restarted_and_the_run_ends_as_an_uninterrup
     assert [[r[k] for k in keep] for r in rows(straight)] == [[r[k] for k in keep] for r in rows(killed)]
 
 
-def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_with_one_clear_line(tmp_path):
-    """Two torchrun agents (two "nodes", one rank each, c10d rendezvous on loopback): SIGKILL the
-    rank of one; the other is in a collective with a dead peer and must fail well within the
-    collective timeout, saying what happened, instead of hanging."""
+def _two_agents(tmp_path, nodes, torchrun, train, env=None):
+    """Two torchrun agents ("nodes"), one rank each, c10d rendezvous on loopback, training
+    into tmp_path/out; their output goes to tmp_path/node{N}.log. ``nodes(node)`` gives the
+    node options; node 0 starts first and hosts the rendezvous store."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    timeout = 60.0
     agents, logs = [], []
     for node in (0, 1):
-        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
+        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed by _stop)
         logs.append(log)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node)]
-        cmd += ["--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
-        cmd += ["--rdzv-id", "sigkill-test", "-m", "gradsparse.train", "--epochs", "50", "--checkpoint-every", "2"]
-        cmd += ["--timeout", str(timeout), "--out", str(tmp_path / "out")]
-        agents.append(subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT))
+        cmd = [sys.executable, "-m", "torch.distributed.run", *nodes(node), "--nproc-per-node", "1"]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *torchrun]
+        cmd += ["-m", "gradsparse.train", *train, "--out", str(tmp_path / "out")]
+        agents.append(subprocess.Popen(cmd, env=env or _env(), stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(1.0 if node == 0 else 0.0)
+    return agents, logs
+
+
+def _first_checkpoint(tmp_path, agents):
+    ckpt = tmp_path / "out" / "checkpoints" / "topk-seed0.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+        time.sleep(0.02)
+    assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
+
+
+def _stop(agents, logs):
+    for agent in agents:
+        agent.kill()
+    for log in logs:
+        log.close()
+
+
+def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_with_one_clear_line(tmp_path):
+    """Two torchrun agents (two "nodes", one rank each, c10d rendezvous on loopback): SIGKILL the
+    rank of one; the other is in a collective with a dead peer and must fail well within the
+    collective timeout, saying what happened, instead of hanging."""
+    timeout = 60.0
+    agents, logs = _two_agents(
+        tmp_path,
+        lambda node: ["--nnodes", "2", "--node-rank", str(node)],
+        ["--rdzv-id", "sigkill-test"],
+        ["--epochs", "50", "--checkpoint-every", "2", "--timeout", str(timeout)],
+    )
     try:
-        ckpt = tmp_path / "out" / "checkpoints" / "topk-seed0.pt"
-        deadline = time.monotonic() + 300
-        while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
-            time.sleep(0.02)
-        assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
+        _first_checkpoint(tmp_path, agents)
         (victim,) = descendants(agents[1].pid, b"gradsparse.train", children_only=True)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -158,10 +182,7 @@ def test_under_torchrun_a_peer_killed_by_sigkill_makes_the_survivor_fail_fast_wi
         detected = time.monotonic() - killed_at
         agents[1].wait(timeout=60)
     finally:
-        for agent in agents:
-            agent.kill()
-        for log in logs:
-            log.close()
+        _stop(agents, logs)
     out = (tmp_path / "node0.log").read_text()
     assert survivor != 0
     assert detected < timeout / 4, detected  # a dead peer is seen at once, not at the timeout
@@ -277,11 +298,7 @@ def test_the_local_launcher_listens_only_on_loopback(tmp_path):
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = {}
     try:
-        while proc.poll() is None:
-            for pid in [proc.pid, *descendants(proc.pid)]:
-                addresses = local_addresses(str(pid))
-                seen.update({i: addresses[i] for i in socket_inodes(pid) if i in addresses})
-            time.sleep(0.05)
+        watch_sockets(proc, seen)
         out = proc.stdout.read()
     finally:
         proc.kill()
@@ -295,38 +312,21 @@ def test_under_torchrun_elastic_a_node_that_leaves_is_resumed_without(tmp_path):
     after the first checkpoint. The survivor's rank fails with one line, its agent restarts
     the group with the one node left, and that rank resumes the 2-rank checkpoint on 1 rank:
     the hook state is resharded, and training finishes."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    agents, logs = [], []
-    for node in (0, 1):
-        log = open(tmp_path / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
-        logs.append(log)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1"]
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "leave-test"]
-        cmd += ["--rdzv-conf", "last_call_timeout=1", "--max-restarts", "1", "--monitor-interval", "0.5"]
-        cmd += ["-m", "gradsparse.train", "--epochs", "40", "--checkpoint-every", "4", "--verbose"]
-        cmd += ["--timeout", "30", "--out", str(tmp_path / "out")]
-        env = dict(_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-        agents.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        time.sleep(1.0 if node == 0 else 0.0)  # node 0 hosts the rendezvous store
+    agents, logs = _two_agents(
+        tmp_path,
+        lambda node: ["--nnodes", "1:2"],
+        ["--rdzv-id", "leave-test", "--rdzv-conf", "last_call_timeout=1", "--max-restarts", "1"],
+        ["--epochs", "40", "--checkpoint-every", "4", "--verbose", "--timeout", "30"],
+        env=dict(_env(), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+    )
     try:
-        ckpt = tmp_path / "out" / "checkpoints" / "topk-seed0.pt"
-        deadline = time.monotonic() + 300
-        while not ckpt.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
-            time.sleep(0.02)
-        assert ckpt.exists(), (tmp_path / "node0.log").read_text()[-3000:]
+        _first_checkpoint(tmp_path, agents)
         node = [agents[1].pid, *descendants(agents[1].pid)]  # the whole node: its agent and its rank
         for pid in node:  # (torch elastic starts each rank in a process group of its own)
             os.kill(pid, signal.SIGKILL)
         survivor = agents[0].wait(timeout=300)
     finally:
-        for agent in agents:
-            agent.kill()
-        for log in logs:
-            log.close()
+        _stop(agents, logs)
     out = (tmp_path / "node0.log").read_text()
     assert survivor == 0, out[-5000:]
     assert "a peer rank died or stopped responding" in out, out[-5000:]
