@@ -13,6 +13,7 @@ from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 
+from gradsparse import kernels
 from gradsparse.checks import check_probability
 from gradsparse.payload import SparsePayload
 from gradsparse.store import Layout, ParamStore
@@ -91,6 +92,38 @@ class ErrorFeedback:
         for start, end in _spans(layout, keep):
             grad[start:end] = 0
         return new_velocity
+
+    def compensate_scan(
+        self,
+        layout: Layout,
+        grad: torch.Tensor,
+        scale: float = 1.0,
+        floor: Optional[float] = None,
+        scratch: Optional[Dict[str, torch.Tensor]] = None,
+    ) -> Optional[Tuple[bool, Tuple[str, ...], Optional[torch.Tensor]]]:
+        """:meth:`compensate` fused with the scan of the gradient, in one compiled pass (see
+        :func:`gradsparse.kernels.compensate_scan`): ``(finite, idle, large)``. ``idle``
+        names the parameters whose gradient was all zeros; they are treated as ``keep`` in
+        :meth:`compensate` (their entries come out zero). ``large`` holds the ascending
+        indices where the compensated magnitude reaches ``floor`` (None without a floor).
+        Without momentum only; None when the kernel does not apply, and nothing was done.
+        Non-finite: ``grad`` holds garbage and the state is untouched."""
+        if self.momentum or not kernels.supports(grad):
+            return None
+        residual = None
+        if not self.is_zero(layout):
+            self._rescale(layout, grad, scale)
+            residual = self.residuals.flat(layout, grad)
+        found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {})
+        if found is None:
+            return None
+        idle = tuple(name for (name, n), used in zip(layout, found.nonzero) if n and not used)
+        large = found.large
+        for start, end in _spans(layout, idle):
+            grad[start:end] = 0  # exactly the zeros it held, where no residual was added
+            if large is not None:
+                large = large[(large < start) | (large >= end)]
+        return found.finite, idle, large
 
     def _stores(self) -> List[ParamStore]:
         return [self.residuals, self.velocity] if self.momentum else [self.residuals]

@@ -20,7 +20,10 @@ import torch
 from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload, index_dtype_for
 
-__all__ = ["Compressor", "CompressorState", "k_for_density", "make_payload"]
+__all__ = ["FLOOR_MARGIN", "Compressor", "CompressorState", "k_for_density", "make_payload"]
+
+#: the candidate floor is this fraction of the last threshold: magnitudes drift between steps
+FLOOR_MARGIN = 0.9
 
 
 @dataclass
@@ -31,6 +34,12 @@ class CompressorState:
     ``state_buffers``; the hook keeps them keyed by parameter name so they survive DDP's
     bucket rebuild. ``scalars`` are small numbers such as a reused threshold. ``scratch``
     holds preallocated work buffers that are never saved.
+
+    ``large`` is a hint a caller may set for one :meth:`Compressor.compress` call:
+    ``(floor, indices)`` where ``indices`` are the ascending positions of *every* entry of
+    the tensor with ``|x| >= floor`` (gathered while the caller passed over the tensor
+    anyway). Selection at a threshold at or above the floor then reads only those entries;
+    the result is the same as without the hint.
     """
 
     key: str = ""
@@ -39,6 +48,7 @@ class CompressorState:
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     scalars: Dict[str, float] = field(default_factory=dict)
     scratch: Dict[str, torch.Tensor] = field(default_factory=dict)
+    large: Optional[Tuple[float, torch.Tensor]] = None
 
     def work(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A reusable scratch buffer shaped like ``like`` (reallocated only on change)."""
@@ -76,6 +86,18 @@ class Compressor(ABC):
     budget_param: ClassVar[Optional[str]] = None
     #: about how many read+write passes over the tensor selection costs (for ``auto``)
     selection_passes: ClassVar[float] = 4.0
+    #: True when selection gathers the entries at or above a magnitude threshold, so that
+    #: the entries above a slightly lower floor, gathered beforehand, suffice
+    selects_by_threshold: ClassVar[bool] = False
+
+    def candidate_floor(self, state: CompressorState) -> Optional[float]:
+        """A magnitude the next selection will most likely not go below, or None: the last
+        threshold selection needed (kept in ``state.scalars["floor"]``), less a margin for
+        the drift between steps. A caller passing over the tensor anyway can gather the
+        entries at or above it into ``state.large``. A wrong guess costs time, never
+        correctness."""
+        floor = state.scalars.get("floor") if self.selects_by_threshold else None
+        return None if floor is None or not math.isfinite(floor) or floor <= 0.0 else floor * FLOOR_MARGIN
 
     def observe(self, grad: torch.Tensor, state: CompressorState) -> None:
         """See the fresh (uncompensated) gradient before compression. Default: nothing."""

@@ -8,7 +8,7 @@ at the k-th largest value without sorting. Ties go to the lower index.
 
 Magnitudes are computed only where they are needed (:class:`Magnitudes`): on the sample,
 on the candidates, and in the gathering pass, which is one compiled read pass over the
-tensor when numba is installed (see ``_kernels``) and ``abs``, a compare and ``nonzero``
+tensor when numba is installed (see :mod:`gradsparse.kernels`) and ``abs``, a compare and ``nonzero``
 otherwise.
 """
 
@@ -20,7 +20,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from gradsparse.compressors import _kernels
+from gradsparse import kernels as _kernels
 from gradsparse.compressors.base import CompressorState
 
 __all__ = ["Magnitudes", "sample_threshold", "topk_indices"]
@@ -73,6 +73,10 @@ class Magnitudes:
         """``(positions, count)`` of ``|x| >= threshold``; the positions are None when the
         count exceeds ``limit``, so that a threshold that is too low costs one pass."""
         x, state = self.signed, self.state
+        if state is not None:
+            state.scalars["floor"] = threshold  # what the next step's candidate floor starts from
+            if state.large is not None and threshold >= state.large[0]:
+                return self._from_large(state.large[1], threshold, limit)
         if self._full is None and x.device.type == "cpu":
             key = "collect"
             out = state.scratch.get(key) if state is not None else None
@@ -94,6 +98,16 @@ class Magnitudes:
         indices = flat_nonzero(mask)
         count = indices.numel()
         return (None if limit is not None and count > limit else indices), count
+
+    def _from_large(
+        self, large: torch.Tensor, threshold: float, limit: Optional[int]
+    ) -> Tuple[Optional[torch.Tensor], int]:
+        """Answer from the hint: ``large`` holds every position at or above a lower floor."""
+        keep = torch.index_select(self.signed, 0, large).abs_() >= threshold
+        count = int(keep.sum())
+        if limit is not None and count > limit:
+            return None, count
+        return (large if count == large.numel() else large[keep]), count
 
 
 def _take(mag: Union[Magnitudes, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ class TopK(Compressor):
     budget_param = "density"
     selection_passes = 6.0
     density_based = True
+    selects_by_threshold = True
 
     def __post_init__(self) -> None:
         check_density("density", self.density)
@@ -63,6 +64,7 @@ class SampledTopK(Compressor):
     name = "sampled_topk"
     budget_param = "density"
     density_based = True
+    selects_by_threshold = True
 
     def __post_init__(self) -> None:
         check_density("density", self.density)

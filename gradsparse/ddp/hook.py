@@ -61,6 +61,7 @@ class BucketStep:
     work: torch.Tensor  # what is selected over or sent: the region, or its active values
     active: Optional[torch.Tensor]  # indices of the region's unmasked coordinates
     payload: SparsePayload
+    large: Optional[Tuple[float, torch.Tensor]] = None  # (floor, indices of |work| >= floor)
     scale: float = 1.0
     velocity: Optional[torch.Tensor] = None
     nonfinite: bool = False
@@ -89,12 +90,35 @@ def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch
     return BucketStep(plan, decision, buffer, region, region, active, payload, started=time.perf_counter())
 
 
+def _compensate_fused(state: SparseHookState, step: BucketStep) -> bool:
+    """The sparse route in one compiled pass over the region (CPU, numba): the scan, the
+    compensation, and the gathering of the entries the compressor will choose from (above
+    its candidate floor). False when it does not apply, and nothing was done."""
+    plan, compressor = step.plan, step.decision.compressor
+    if step.active is not None or not state.options.error_feedback or state.compressor.state_buffers:
+        return False
+    floor = state.selection.candidate_floor(compressor, plan.key, plan.layout)
+    scale = state.grad_scale()
+    found = state.feedback.compensate_scan(plan.layout, step.region, scale, floor, plan.scratch)
+    if found is None:
+        return False
+    finite, step.idle, large = found
+    step.scale = scale
+    if not finite or not plan.small_finite(step.buffer):
+        step.nonfinite = True
+    elif floor is not None and large is not None:
+        step.large = (floor, large)
+    return True
+
+
 def compensate(state: SparseHookState, step: BucketStep) -> None:
     """Scan the bucket (finiteness on the sparse route: a dense one carries NaN/inf in its
     sum; parameters without a gradient), observe, add the residual, and restrict to the
     active coordinates of the masks."""
     plan, layout, dense = step.plan, step.plan.layout, step.decision.dense
     feedback, enabled = state.feedback, state.options.error_feedback
+    if not dense and step.region.numel() and _compensate_fused(state, step):
+        return
     if not dense or (enabled and not feedback.is_zero(layout)):
         finite, step.idle = plan.scan(step.buffer, check_finite=not dense)
         if not finite:
@@ -118,7 +142,9 @@ def select(state: SparseHookState, step: BucketStep) -> None:
         return
     plan = step.plan
     layout = plan.layout if step.active is None else plan.masks.layout
-    step.payload = state.selection.compress(step.decision.compressor, plan.key, layout, step.work, state.step)
+    step.payload = state.selection.compress(
+        step.decision.compressor, plan.key, layout, step.work, state.step, large=step.large
+    )
 
 
 def communicate(state: SparseHookState, step: BucketStep) -> List[torch.futures.Future[Any]]:

@@ -170,6 +170,15 @@ class BucketPlan:
         names = [name for name, n in self.layout if n]
         return finite, tuple(name for name, z in zip(names, zero) if z)
 
+    def small_finite(self, buffer: torch.Tensor) -> bool:
+        """Whether the parameters sent dense are finite (one read pass over them)."""
+        for offset, n in self.small:
+            if n:
+                low, high = torch.aminmax(buffer[offset : offset + n])
+                if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                    return False
+        return True
+
     def small_values(self, buffer: torch.Tensor) -> Optional[torch.Tensor]:
         """The parameters sent dense, concatenated (None when there are none)."""
         if not self.small:

@@ -9,7 +9,7 @@ name in :class:`~gradsparse.store.ParamStore` s, so they survive DDP's bucket re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -53,14 +53,34 @@ class CompressorStates:
         for unit, unit_layout, piece in self._pieces(key, layout, region):
             compressor.observe(piece, self._state(unit, unit_layout, piece, step))
 
+    def candidate_floor(self, compressor: Compressor, key: str, layout: Layout) -> Optional[float]:
+        """The compressor's candidate floor for ``key`` when it is selected as one unit
+        (None otherwise, or when the compressor has none)."""
+        if compressor.state_buffers or (self.scope != "bucket" and len(layout) > 1):
+            return None
+        state = self.states.get(key)
+        return None if state is None else compressor.candidate_floor(state)
+
     def compress(
-        self, compressor: Compressor, key: str, layout: Layout, work: torch.Tensor, step: int
+        self,
+        compressor: Compressor,
+        key: str,
+        layout: Layout,
+        work: torch.Tensor,
+        step: int,
+        large: Optional[Tuple[float, torch.Tensor]] = None,
     ) -> SparsePayload:
-        """Select over ``work`` (laid out as ``layout``), per unit of the scope."""
+        """Select over ``work`` (laid out as ``layout``), per unit of the scope. ``large``:
+        ``(floor, every index with |work| >= floor)``, for a single unit only."""
         pieces = list(self._pieces(key, layout, work))
         if len(pieces) == 1:
             unit, unit_layout, piece = pieces[0]
-            return compressor.compress(piece, self._state(unit, unit_layout, piece, step))
+            state = self._state(unit, unit_layout, piece, step)
+            state.large = large
+            try:
+                return compressor.compress(piece, state)
+            finally:
+                state.large = None
         indices, values = [], []
         offset = 0
         for unit, unit_layout, piece in pieces:

@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from torch import nn
 
 import gradsparse as gs
+from tests.integrations.shutdown import shut_down
 
 ACCUMULATE = 2
 
@@ -40,7 +41,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as fh:
             json.dump({**state.stats(), "batches": batches, "distributed": str(accelerator.distributed_type)}, fh)
-    accelerator.end_training()  # destroys the process group: see README, "Shutting down"
+    shut_down(accelerator.end_training)  # end_training destroys the process group
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from gradsparse.integrations.transformers import sparse_gradients
+from tests.integrations.shutdown import shut_down
 
 
 class Tiny(nn.Module):
@@ -72,7 +73,8 @@ def main() -> None:
         result = {**stats, "history": len(history), "seen": len(seen), "names": names, "idle_residual": idle}
         with open(sys.argv[1], "w") as fh:
             json.dump(result, fh)
-    dist.destroy_process_group()  # see README, "Shutting down"
+    del copies, flat
+    shut_down()
 
 
 if __name__ == "__main__":

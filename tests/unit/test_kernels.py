@@ -1,0 +1,119 @@
+"""The fused CPU pass and the candidate hint give exactly what the unfused torch path gives."""
+
+import pytest
+import torch
+
+import gradsparse.compressors as C
+from gradsparse import kernels
+from gradsparse.compressors import CompressorState
+from gradsparse.error_feedback import ErrorFeedback
+from gradsparse.payload import SparsePayload
+
+needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+def _grad(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_compensate_scan_matches_torch(dtype, with_residual):
+    sizes = [37, 0, 1000, 16, 5003, 64]  # blocks of 16 and the tails between them
+    n = sum(sizes)
+    grad = _grad(n, 1, dtype)
+    grad[37 + 1000 : 37 + 1000 + 16] = 0  # the 16-entry parameter got no gradient
+    residual = _grad(n, 2, dtype) * 0.5 if with_residual else None
+    expected = grad + residual if residual is not None else grad.clone()
+    for floor in (None, 0.0, 1.25, 3.0, float("inf")):
+        g = grad.clone()
+        found = kernels.compensate_scan(g, residual, sizes, floor, {})
+        assert found is not None and found.finite
+        assert torch.equal(g, expected)
+        assert found.nonzero == (True, False, True, False, True, True)
+        if floor is None:
+            assert found.large is None
+        else:
+            assert found.large is not None
+            assert torch.equal(found.large, torch.nonzero(expected.abs() >= floor).squeeze(1))
+
+
+@needs_numba
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_compensate_scan_finds_nonfinite_entries_anywhere(bad):
+    for position in (0, 15, 16, 999, 1022):
+        g = _grad(1023, 3)
+        g[position] = bad
+        found = kernels.compensate_scan(g, None, [1023], 1.0, {})
+        assert found is not None and not found.finite
+    g = torch.full((40,), 3e38)
+    found = kernels.compensate_scan(g, torch.full((40,), 3e38), [40], None, {})  # overflows to inf
+    assert found is not None and not found.finite
+
+
+@needs_numba
+def test_compensate_scan_grows_its_buffer_and_refuses_what_it_cannot_do():
+    scratch = {"large": torch.empty(3, dtype=torch.int64)}
+    g = _grad(5000, 4)
+    found = kernels.compensate_scan(g.clone(), None, [5000], 0.5, scratch)
+    assert found is not None and found.large is not None
+    assert torch.equal(found.large, torch.nonzero(g.abs() >= 0.5).squeeze(1))
+    assert kernels.compensate_scan(g.half(), None, [5000], 0.5, {}) is None
+    assert kernels.compensate_scan(g[::2], None, [2500], 0.5, {}) is None
+    with pytest.raises(ValueError, match="sizes add up to 4000"):
+        kernels.compensate_scan(g, None, [4000], 0.5, {})
+
+
+@needs_numba
+def test_fused_compensation_equals_the_unfused_one_with_idle_parameters():
+    layout = (("a", 3000), ("b", 500), ("c", 2000))
+    fused, plain = ErrorFeedback(), ErrorFeedback()
+    for step in range(4):
+        grad = _grad(5500, 10 + step)
+        if step == 2:
+            grad[3000:3500] = 0  # "b" unused this step
+        a, b = grad.clone(), grad.clone()
+        found = fused.compensate_scan(layout, a, 1.0, 1.5, {})
+        assert found is not None
+        finite, idle, large = found
+        assert finite and idle == (("b",) if step == 2 else ())
+        plain.compensate(layout, b, 1.0, keep=idle)
+        assert torch.equal(a, b)
+        assert large is not None and torch.equal(large, torch.nonzero(b.abs() >= 1.5).squeeze(1))
+        sent = large[::3]
+        for ef, comp in ((fused, a), (plain, b)):
+            ef.update(layout, comp, SparsePayload(sent, comp[sent], comp.numel()), keep=idle)
+        for name in ("a", "b", "c"):
+            assert torch.equal(fused.residual(name), plain.residual(name))
+    assert ErrorFeedback(momentum=0.9).compensate_scan(layout, _grad(5500, 1), 1.0, None, {}) is None
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", [("topk", {"density": 0.01}), ("sampled_topk", {"density": 0.01}), ("threshold", {"threshold": 2.0})]
+)
+def test_selection_from_the_candidate_hint_is_the_selection_without_it(name, kwargs):
+    compressor = C.build(name, **kwargs)
+    hinted, plain = CompressorState(name), CompressorState(name)
+    for step in range(5):
+        x = _grad(300_000, 20 + step) * (1.0 + 0.1 * step)
+        expected = compressor.compress(x, plain)
+        floor = compressor.candidate_floor(hinted)
+        if step == 0 and name != "threshold":
+            assert floor is None  # nothing known yet
+        else:
+            assert floor is not None and floor > 0
+        if floor is not None:
+            hinted.large = (floor, torch.nonzero(x.abs() >= floor).squeeze(1))
+        got = compressor.compress(x, hinted)
+        hinted.large = None
+        assert torch.equal(got.indices, expected.indices) and torch.equal(got.values, expected.values)
+    # a floor that is too high is only slower: selection reads the tensor again
+    hinted.large = (100.0, torch.empty(0, dtype=torch.int64))
+    got = compressor.compress(x, hinted)
+    assert torch.equal(got.indices, compressor.compress(x, CompressorState(name)).indices)
+
+
+def test_compressors_without_a_threshold_have_no_candidate_floor():
+    for name in ("randomk", "none"):
+        assert C.build(name).candidate_floor(CompressorState(name, scalars={"floor": 1.0})) is None
