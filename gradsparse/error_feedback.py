@@ -49,6 +49,8 @@ class ErrorFeedback:
         self.scales: Dict[str, float] = {}
         #: parameters whose residual is known to be all zeros (everything was sent dense)
         self._zero: set = set()
+        #: per layout, the second residual buffer that compensate_scan writes into
+        self._spares: Dict[Layout, torch.Tensor] = {}
 
     def is_zero(self, layout: Layout) -> bool:
         """Whether the residual of ``layout`` is known to be zero (compensation is a no-op):
@@ -93,6 +95,24 @@ class ErrorFeedback:
             grad[start:end] = 0
         return new_velocity
 
+    def can_fuse(self, grad: torch.Tensor) -> bool:
+        """Whether :meth:`compensate_scan` applies to ``grad`` (no momentum; a contiguous
+        float32/float64 CPU tensor with numba installed)."""
+        return not self.momentum and kernels.supports(grad)
+
+    def compensated_at(
+        self, layout: Layout, grad: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        """What :meth:`compensate` would make of ``grad`` at ``positions``, without
+        compensating (without momentum: the gradient plus the residual there)."""
+        values = torch.index_select(grad, 0, positions)
+        if self.momentum:
+            raise ValueError("compensated_at() is for error feedback without momentum")
+        if not self.is_zero(layout):
+            self._rescale(layout, grad, scale)
+            values.add_(torch.index_select(self.residuals.flat(layout, grad), 0, positions))
+        return values
+
     def compensate_scan(
         self,
         layout: Layout,
@@ -100,30 +120,38 @@ class ErrorFeedback:
         scale: float = 1.0,
         floor: Optional[float] = None,
         scratch: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> Optional[Tuple[bool, Tuple[str, ...], Optional[torch.Tensor]]]:
+    ) -> Optional[Tuple[bool, Tuple[str, ...], Optional[torch.Tensor], torch.Tensor]]:
         """:meth:`compensate` fused with the scan of the gradient, in one compiled pass (see
-        :func:`gradsparse.kernels.compensate_scan`): ``(finite, idle, large)``. ``idle``
-        names the parameters whose gradient was all zeros; they are treated as ``keep`` in
-        :meth:`compensate` (their entries come out zero). ``large`` holds the ascending
-        indices where the compensated magnitude reaches ``floor`` (None without a floor).
-        Without momentum only; None when the kernel does not apply, and nothing was done.
-        Non-finite: ``grad`` holds garbage and the state is untouched."""
-        if self.momentum or not kernels.supports(grad):
+        :func:`gradsparse.kernels.compensate_scan`): ``(finite, idle, large, compensated)``.
+
+        ``grad`` is only read: the compensated tensor is written into a second residual
+        buffer, which :meth:`update` then makes the residual by swapping, so that keeping
+        what was not sent costs no copy and a skipped step leaves the state exactly as it
+        was. (With no residual yet, ``compensated`` is ``grad`` itself.) ``idle`` names the
+        parameters whose gradient was all zeros: their entries come out zero and their
+        state is kept, as with ``keep`` in :meth:`compensate`. ``large`` holds the
+        ascending indices where the compensated magnitude reaches ``floor`` (None without a
+        floor). None when the kernel does not apply (:meth:`can_fuse`): nothing was done."""
+        if not self.can_fuse(grad):
             return None
-        residual = None
+        residual = into = None
         if not self.is_zero(layout):
             self._rescale(layout, grad, scale)
             residual = self.residuals.flat(layout, grad)
-        found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {})
+            into = self._spares.get(layout)
+            if into is None or into.shape != residual.shape or into.dtype != residual.dtype:
+                into = self._spares[layout] = torch.empty_like(residual)
+        found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {}, into=into)
         if found is None:
             return None
+        compensated = grad if into is None else into
         idle = tuple(name for (name, n), used in zip(layout, found.nonzero) if n and not used)
         large = found.large
         for start, end in _spans(layout, idle):
-            grad[start:end] = 0  # exactly the zeros it held, where no residual was added
+            compensated[start:end] = 0  # nothing of theirs is sent
             if large is not None:
                 large = large[(large < start) | (large >= end)]
-        return found.finite, idle, large
+        return found.finite, idle, large, compensated
 
     def _stores(self) -> List[ParamStore]:
         return [self.residuals, self.velocity] if self.momentum else [self.residuals]
@@ -151,18 +179,27 @@ class ErrorFeedback:
     ) -> None:
         """Keep what ``payload`` did not send. ``compensated`` must still hold the values
         that :meth:`compensate` produced, and ``new_velocity`` what it returned."""
+        sent = payload.indices.long()
+        if not self.momentum and compensated is self._spares.get(layout):  # from compensate_scan
+            compensated.index_fill_(0, sent, 0)
+            for start, end in _spans(layout, keep):
+                compensated[start:end] = self.residuals.flat(layout, compensated)[start:end]
+            self._spares[layout] = self.residuals.swap(layout, compensated)
+            self._zero.difference_update(name for name, _ in layout)
+            for name, _ in layout:
+                self.scales[name] = scale
+            return
         held = self._held(layout, compensated, keep)
         self._zero.difference_update(name for name, _ in layout)
         residual = self.residuals.flat(layout, compensated)
         residual.copy_(compensated)
-        sent = payload.indices
-        residual[sent] = 0
+        residual.index_fill_(0, sent, 0)
         if self.momentum:
             if new_velocity is None:
                 raise ValueError("momentum correction needs the `new_velocity` that compensate() returned")
             velocity = self.velocity.flat(layout, compensated)
             velocity.copy_(new_velocity)
-            velocity[sent] = 0
+            velocity.index_fill_(0, sent, 0)
         for view, saved in held:
             view.copy_(saved)
         for name, _ in layout:
@@ -189,11 +226,17 @@ class ErrorFeedback:
             out["velocity"] = self.velocity.state_dict()
         return out
 
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_spares"] = {}  # scratch, as big as the residuals
+        return state
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.residuals.load_state_dict(state.get("residuals", {}))
         self.velocity.load_state_dict(state.get("velocity", {}))
         self.scales = {name: float(v) for name, v in state.get("scales", {}).items()}
         self._zero.clear()
+        self._spares.clear()
 
     def residual(self, name: str) -> Optional[torch.Tensor]:
         return self.residuals.tensors.get(name)

@@ -58,6 +58,19 @@ class ParamStore:
         self._flat[layout] = flat
         return flat
 
+    def swap(self, layout: Layout, flat: torch.Tensor) -> torch.Tensor:
+        """Make ``flat`` (laid out as ``layout``) the storage of its tensors, without
+        copying, and return the flat tensor it replaces (for reuse)."""
+        old = self.flat(layout, flat)
+        if flat.shape != old.shape or flat.dtype != old.dtype or flat.device != old.device:
+            raise ValueError(f"swap needs a tensor like the stored one {tuple(old.shape)}; got {tuple(flat.shape)}")
+        offset = 0
+        for name, n in layout:
+            self.tensors[name] = flat[offset : offset + n]
+            offset += n
+        self._flat[layout] = flat
+        return old
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {name: t.detach().clone() for name, t in self.tensors.items()}
 

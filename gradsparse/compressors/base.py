@@ -13,17 +13,14 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import torch
 
 from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload, index_dtype_for
 
-__all__ = ["FLOOR_MARGIN", "Compressor", "CompressorState", "k_for_density", "make_payload"]
-
-#: the candidate floor is this fraction of the last threshold: magnitudes drift between steps
-FLOOR_MARGIN = 0.9
+__all__ = ["Compressor", "CompressorState", "k_for_density", "make_payload"]
 
 
 @dataclass
@@ -86,18 +83,18 @@ class Compressor(ABC):
     budget_param: ClassVar[Optional[str]] = None
     #: about how many read+write passes over the tensor selection costs (for ``auto``)
     selection_passes: ClassVar[float] = 4.0
-    #: True when selection gathers the entries at or above a magnitude threshold, so that
-    #: the entries above a slightly lower floor, gathered beforehand, suffice
-    selects_by_threshold: ClassVar[bool] = False
 
-    def candidate_floor(self, state: CompressorState) -> Optional[float]:
-        """A magnitude the next selection will most likely not go below, or None: the last
-        threshold selection needed (kept in ``state.scalars["floor"]``), less a margin for
-        the drift between steps. A caller passing over the tensor anyway can gather the
-        entries at or above it into ``state.large``. A wrong guess costs time, never
-        correctness."""
-        floor = state.scalars.get("floor") if self.selects_by_threshold else None
-        return None if floor is None or not math.isfinite(floor) or floor <= 0.0 else floor * FLOOR_MARGIN
+    def candidate_floor(
+        self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Optional[float]:
+        """A magnitude the next selection will most likely not go below, or None (default).
+        The tensor to select from does not exist yet: ``like`` has its size and device, and
+        ``values_at(positions)`` gives its values at a few positions (the hook computes
+        them from the gradient and the residual). A caller that then passes over the tensor
+        gathers the entries at or above the floor into ``state.large``; selection is the
+        same, only faster. A wrong guess costs time, never correctness."""
+        del state, like, values_at
+        return None
 
     def observe(self, grad: torch.Tensor, state: CompressorState) -> None:
         """See the fresh (uncompensated) gradient before compression. Default: nothing."""

@@ -15,15 +15,15 @@ otherwise.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from gradsparse import kernels as _kernels
-from gradsparse.compressors.base import CompressorState
+from gradsparse.compressors.base import CompressorState, k_for_density
 
-__all__ = ["Magnitudes", "sample_threshold", "topk_indices"]
+__all__ = ["Magnitudes", "density_floor", "sample_positions", "sample_threshold", "topk_indices"]
 
 #: below this many entries a full stable sort is cheap enough
 SORT_LIMIT = 1 << 16
@@ -73,10 +73,8 @@ class Magnitudes:
         """``(positions, count)`` of ``|x| >= threshold``; the positions are None when the
         count exceeds ``limit``, so that a threshold that is too low costs one pass."""
         x, state = self.signed, self.state
-        if state is not None:
-            state.scalars["floor"] = threshold  # what the next step's candidate floor starts from
-            if state.large is not None and threshold >= state.large[0]:
-                return self._from_large(state.large[1], threshold, limit)
+        if state is not None and state.large is not None and threshold >= state.large[0]:
+            return self._from_large(state.large[1], threshold, limit)
         if self._full is None and x.device.type == "cpu":
             key = "collect"
             out = state.scratch.get(key) if state is not None else None
@@ -124,21 +122,47 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).squeeze(1)
 
 
-def _sample(mag: Magnitudes, target: int) -> torch.Tensor:
-    """A fixed pseudo-random sample of ``mag``, sorted descending. Its positions depend
-    only on numel, so every rank and every run draws the same ones."""
-    n, state = mag.numel(), mag.state
+def sample_positions(n: int, target: int, device: torch.device, state: Optional[CompressorState]) -> torch.Tensor:
+    """The positions of the fixed pseudo-random sample for selecting about ``target`` of
+    ``n`` entries. They depend only on n and the sample size, so every rank and every run
+    draws the same ones (kept in ``state.scratch``)."""
     m = min(n, max(MIN_SAMPLE, min(n // SAMPLE_FRACTION, math.ceil(SAMPLE_HITS * n / max(target, 1)))))
     key = f"sample_positions:{n}:{m}"  # positions are valid only for this length
     positions = state.scratch.get(key) if state is not None else None
-    if positions is None or positions.device != mag.device:
+    if positions is None or positions.device != device:
         gen = torch.Generator().manual_seed(_SAMPLE_SEED + n)
-        positions = torch.randint(n, (m,), generator=gen).to(mag.device)
+        positions = torch.randint(n, (m,), generator=gen).to(device)
         if state is not None:
             for stale in [k for k in state.scratch if k.startswith("sample_positions:")]:
                 del state.scratch[stale]
             state.scratch[key] = positions
+    return positions
+
+
+def _sample(mag: Magnitudes, target: int) -> torch.Tensor:
+    """The fixed sample of ``mag`` (see :func:`sample_positions`), sorted descending."""
+    positions = sample_positions(mag.numel(), target, mag.device, mag.state)
     return torch.sort(mag.take(positions), descending=True).values
+
+
+def density_floor(
+    density: float, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]
+) -> Optional[float]:
+    """The candidate floor of the density-based selections (``topk``, ``sampled_topk``):
+    from the same sample they draw, the magnitude at a rank past both the exact top-k's
+    first threshold (expected count plus three sigmas) and what ``sampled_topk`` accepts
+    (1.33 times the expected count), so that either is answered from the candidates."""
+    numel = like.numel()
+    k = k_for_density(density, numel)
+    if numel <= SORT_LIMIT or k >= numel:
+        return None
+    positions = sample_positions(numel, k, like.device, state)
+    sample = torch.sort(values_at(positions).abs(), descending=True).values
+    m = sample.numel()
+    expected = k * m / numel
+    rank = min(max(math.ceil(max(1.4 * expected, expected + 3.0 * math.sqrt(expected) + 1)), 1), m)
+    floor = float(sample[rank - 1])
+    return floor if math.isfinite(floor) and floor > 0.0 else None
 
 
 def sample_threshold(

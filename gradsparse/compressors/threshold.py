@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,15 +25,16 @@ class Threshold(Compressor):
     max_density: Optional[float] = None
     name = "threshold"
     budget_param = "threshold"
-    selects_by_threshold = True
     selection_passes = 3.0
 
     def __post_init__(self) -> None:
         check_nonnegative("threshold", self.threshold)
         check_density("max_density", self.max_density, allow_none=True)
 
-    def candidate_floor(self, state: CompressorState) -> Optional[float]:
-        """The threshold itself: it does not drift."""
+    def candidate_floor(
+        self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Optional[float]:
+        """The threshold itself."""
         return float(self.threshold) if self.threshold > 0 else None
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -14,6 +14,7 @@ from gradsparse.compressors.selection import (
     Magnitudes,
     _sample,
     _top_of_candidates,
+    density_floor,
     topk_indices,
 )
 from gradsparse.payload import SparsePayload
@@ -34,10 +35,14 @@ class TopK(Compressor):
     budget_param = "density"
     selection_passes = 6.0
     density_based = True
-    selects_by_threshold = True
 
     def __post_init__(self) -> None:
         check_density("density", self.density)
+
+    def candidate_floor(
+        self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Optional[float]:
+        return density_floor(self.density, state, like, values_at)
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)
@@ -64,12 +69,16 @@ class SampledTopK(Compressor):
     name = "sampled_topk"
     budget_param = "density"
     density_based = True
-    selects_by_threshold = True
 
     def __post_init__(self) -> None:
         check_density("density", self.density)
         check_probability("tolerance", self.tolerance)
         check_int("max_refinements", self.max_refinements)
+
+    def candidate_floor(
+        self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Optional[float]:
+        return density_floor(self.density, state, like, values_at)
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)

@@ -57,8 +57,8 @@ class BucketStep:
     plan: BucketPlan
     decision: Decision
     buffer: torch.Tensor  # the bucket: input gradients, output averages
-    region: torch.Tensor  # its compressed parameters, compensated in place
-    work: torch.Tensor  # what is selected over or sent: the region, or its active values
+    region: torch.Tensor  # its compressed parameters: gradients in, averages out
+    work: torch.Tensor  # what is selected over or sent: the compensated region, or its active values
     active: Optional[torch.Tensor]  # indices of the region's unmasked coordinates
     payload: SparsePayload
     large: Optional[Tuple[float, torch.Tensor]] = None  # (floor, indices of |work| >= floor)
@@ -97,12 +97,18 @@ def _compensate_fused(state: SparseHookState, step: BucketStep) -> bool:
     plan, compressor = step.plan, step.decision.compressor
     if step.active is not None or not state.options.error_feedback or state.compressor.state_buffers:
         return False
-    floor = state.selection.candidate_floor(compressor, plan.key, plan.layout)
-    scale = state.grad_scale()
-    found = state.feedback.compensate_scan(plan.layout, step.region, scale, floor, plan.scratch)
+    scale, feedback = state.grad_scale(), state.feedback
+    if not feedback.can_fuse(step.region):
+        return False
+
+    def values_at(positions: torch.Tensor) -> torch.Tensor:
+        return feedback.compensated_at(plan.layout, step.region, positions, scale)
+
+    floor = state.selection.candidate_floor(compressor, plan.key, plan.layout, step.region, values_at)
+    found = feedback.compensate_scan(plan.layout, step.region, scale, floor, plan.scratch)
     if found is None:
         return False
-    finite, step.idle, large = found
+    finite, step.idle, large, step.work = found
     step.scale = scale
     if not finite or not plan.small_finite(step.buffer):
         step.nonfinite = True
@@ -198,9 +204,10 @@ def commit(state: SparseHookState, step: BucketStep, main: Any) -> torch.Tensor:
             indices = step.active[indices.long()].to(payload.indices.dtype)
         if finite and enabled and region.numel():
             sent = SparsePayload(indices, values, region.numel())
-            feedback.update(layout, region, sent, step.scale, step.velocity, keep=step.idle)
+            compensated = step.work if step.active is None else region
+            feedback.update(layout, compensated, sent, step.scale, step.velocity, keep=step.idle)
         counters.selected += int(indices.numel())
-        out = step.work if step.active is None else torch.empty_like(step.work)
+        out = region if step.active is None else torch.empty_like(step.work)
         result = reduced.write(out, scale=1.0 / world)  # averaged as it is added
     counters.compressible += step.decision.work_numel
     counters.nonfinite_buckets += int(not finite)

@@ -9,7 +9,7 @@ name in :class:`~gradsparse.store.ParamStore` s, so they survive DDP's bucket re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -53,13 +53,22 @@ class CompressorStates:
         for unit, unit_layout, piece in self._pieces(key, layout, region):
             compressor.observe(piece, self._state(unit, unit_layout, piece, step))
 
-    def candidate_floor(self, compressor: Compressor, key: str, layout: Layout) -> Optional[float]:
+    def candidate_floor(
+        self,
+        compressor: Compressor,
+        key: str,
+        layout: Layout,
+        like: torch.Tensor,
+        values_at: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Optional[float]:
         """The compressor's candidate floor for ``key`` when it is selected as one unit
         (None otherwise, or when the compressor has none)."""
         if compressor.state_buffers or (self.scope != "bucket" and len(layout) > 1):
             return None
         state = self.states.get(key)
-        return None if state is None else compressor.candidate_floor(state)
+        if state is None:
+            state = self.states[key] = CompressorState(key=key)
+        return compressor.candidate_floor(state, like, values_at)
 
     def compress(
         self,

@@ -67,25 +67,30 @@ def test_compensate_scan_grows_its_buffer_and_refuses_what_it_cannot_do():
 
 @needs_numba
 def test_fused_compensation_equals_the_unfused_one_with_idle_parameters():
+    """Same compensated values, same residuals (kept by swapping buffers), and a skipped
+    step leaves the state exactly as it was, with the gradient itself only read."""
     layout = (("a", 3000), ("b", 500), ("c", 2000))
     fused, plain = ErrorFeedback(), ErrorFeedback()
-    for step in range(4):
+    for step in range(5):
         grad = _grad(5500, 10 + step)
         if step == 2:
             grad[3000:3500] = 0  # "b" unused this step
         a, b = grad.clone(), grad.clone()
         found = fused.compensate_scan(layout, a, 1.0, 1.5, {})
         assert found is not None
-        finite, idle, large = found
+        finite, idle, large, compensated = found
         assert finite and idle == (("b",) if step == 2 else ())
         plain.compensate(layout, b, 1.0, keep=idle)
-        assert torch.equal(a, b)
+        assert torch.equal(compensated, b)
+        assert step == 0 or torch.equal(a, grad)  # with a residual, the gradient is only read
         assert large is not None and torch.equal(large, torch.nonzero(b.abs() >= 1.5).squeeze(1))
+        if step == 3:  # skipped (a peer overflowed): nothing is committed
+            continue
         sent = large[::3]
-        for ef, comp in ((fused, a), (plain, b)):
-            ef.update(layout, comp, SparsePayload(sent, comp[sent], comp.numel()), keep=idle)
+        fused.update(layout, compensated, SparsePayload(sent, compensated[sent], 5500), keep=idle)
+        plain.update(layout, b, SparsePayload(sent, b[sent], 5500), keep=idle)
         for name in ("a", "b", "c"):
-            assert torch.equal(fused.residual(name), plain.residual(name))
+            assert torch.equal(fused.residual(name), plain.residual(name)), (step, name)
     assert ErrorFeedback(momentum=0.9).compensate_scan(layout, _grad(5500, 1), 1.0, None, {}) is None
 
 
@@ -98,13 +103,10 @@ def test_selection_from_the_candidate_hint_is_the_selection_without_it(name, kwa
     for step in range(5):
         x = _grad(300_000, 20 + step) * (1.0 + 0.1 * step)
         expected = compressor.compress(x, plain)
-        floor = compressor.candidate_floor(hinted)
-        if step == 0 and name != "threshold":
-            assert floor is None  # nothing known yet
-        else:
-            assert floor is not None and floor > 0
-        if floor is not None:
-            hinted.large = (floor, torch.nonzero(x.abs() >= floor).squeeze(1))
+        floor = compressor.candidate_floor(hinted, x, x.__getitem__)
+        assert floor is not None and 0 < floor <= float(expected.values.abs().min())
+        hinted.large = (floor, torch.nonzero(x.abs() >= floor).squeeze(1))
+        assert hinted.large[1].numel() < 2 * expected.count  # a few more than selected, not many
         got = compressor.compress(x, hinted)
         hinted.large = None
         assert torch.equal(got.indices, expected.indices) and torch.equal(got.values, expected.values)
@@ -115,5 +117,8 @@ def test_selection_from_the_candidate_hint_is_the_selection_without_it(name, kwa
 
 
 def test_compressors_without_a_threshold_have_no_candidate_floor():
-    for name in ("randomk", "none"):
-        assert C.build(name).candidate_floor(CompressorState(name, scalars={"floor": 1.0})) is None
+    x = _grad(300_000, 5)
+    for name in ("randomk", "none", "variance"):
+        assert C.build(name).candidate_floor(CompressorState(name), x, lambda positions: x[positions]) is None
+    small = _grad(1000, 6)  # sorted outright: no sample, no floor
+    assert C.build("topk").candidate_floor(CompressorState("t"), small, lambda positions: small[positions]) is None
