@@ -41,12 +41,10 @@ def _collect(x: Any, threshold: Any, out: Any) -> int:  # pragma: no cover - com
         hits = 0
         for j in range(_BLOCK):
             hits += abs(x[b + j]) >= threshold
-        if hits:
+        if hits:  # branch-free: write every index, advance past the hits
             for j in range(_BLOCK):
-                if abs(x[b + j]) >= threshold:
-                    if count < capacity:
-                        out[count] = b + j
-                    count += 1
+                out[count if count < capacity else capacity - 1] = b + j
+                count += abs(x[b + j]) >= threshold
     for i in range(whole, n):
         if abs(x[i]) >= threshold:
             if count < capacity:
@@ -131,9 +129,10 @@ def supports(x: torch.Tensor) -> bool:
 
 
 def collect_abs_at_least(x: torch.Tensor, threshold: float, out: torch.Tensor) -> Optional[int]:
-    """Write the ascending indices ``i`` with ``|x[i]| >= threshold`` into ``out`` (int64,
-    as many as fit) and return how many there are in all; None when the kernel does not
-    apply (see :func:`supports`)."""
+    """Write the ascending indices ``i`` with ``|x[i]| >= threshold`` into ``out`` (int64)
+    and return how many there are in all; None when the kernel does not apply (see
+    :func:`supports`). Only a count below ``out``'s length means ``out`` holds them all
+    (its last slot is scratch once the count reaches it)."""
     kernels = _compiled()
     if kernels is None or not supports(x.detach()) or out.dtype != torch.int64:
         return None

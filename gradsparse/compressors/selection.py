@@ -84,10 +84,10 @@ class Magnitudes:
             if count is not None:
                 if limit is not None and count > limit:
                     return None, count
-                if count > out.numel():  # more than fit: grow, and gather again
-                    out = torch.empty(count + count // 4, dtype=torch.int64)
+                if count >= out.numel():  # more than fit: grow, and gather again
+                    out = torch.empty(count + count // 4 + 1, dtype=torch.int64)
                     count = _kernels.collect_abs_at_least(x, threshold, out)
-                    assert count is not None and count <= out.numel()
+                    assert count is not None and count < out.numel()
                 if state is not None:
                     state.scratch[key] = out
                 return out[:count].clone(), count
@@ -157,11 +157,11 @@ def density_floor(
     if numel <= SORT_LIMIT or k >= numel:
         return None
     positions = sample_positions(numel, k, like.device, state)
-    sample = torch.sort(values_at(positions).abs(), descending=True).values
+    sample = values_at(positions).abs()
     m = sample.numel()
     expected = k * m / numel
     rank = min(max(math.ceil(max(1.4 * expected, expected + 3.0 * math.sqrt(expected) + 1)), 1), m)
-    floor = float(sample[rank - 1])
+    floor = _rank_largest(sample, rank)
     return floor if math.isfinite(floor) and floor > 0.0 else None
 
 
@@ -175,13 +175,20 @@ def sample_threshold(
     """A threshold expected to keep about ``target`` entries of ``mag``; with ``margin``
     sigmas of sampling noise added, it keeps at least ``target`` with high probability."""
     n = mag.numel()
-    if sample is None:
-        sample = _sample(mag, target)
-    m = sample.numel()
+    values = sample if sample is not None else mag.take(sample_positions(n, target, mag.device, mag.state))
+    m = values.numel()
     expected = target * m / n
     rank = math.ceil(expected + margin * math.sqrt(expected) + (1 if margin else 0))
     rank = min(max(rank, 1), m)
+    if sample is None:  # one order statistic: no need to sort the sample
+        return _rank_largest(values, rank)
     return float(sample[rank - 1])
+
+
+def _rank_largest(values: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th largest of ``values`` (1 = the largest), as a sorted copy's
+    ``[rank - 1]`` would give, in linear time. NaN sorts above everything in both."""
+    return float(torch.kthvalue(values, values.numel() - rank + 1).values)
 
 
 def _top_of_candidates(mag: Union[Magnitudes, torch.Tensor], candidates: torch.Tensor, k: int) -> torch.Tensor:
