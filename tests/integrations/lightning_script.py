@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsparse as gs
+from tests.integrations.shutdown import drain, shut_down
 
 PACKAGE, STRATEGY, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 pl = importlib.import_module("lightning.pytorch" if PACKAGE == "lightning" else "pytorch_lightning")
@@ -52,6 +53,8 @@ class Check(pl.Callback):
         if trainer.global_rank == 0:
             names = sorted(self.sparse.state.feedback.names())
             (OUT / "result.json").write_text(json.dumps({**stats, "names": names, "world": dist.get_world_size()}))
+        del copies, flat
+        drain()  # the all_gather's work must be let go before this process ends (tests/integrations/shutdown.py)
 
 
 def main() -> None:
@@ -77,6 +80,8 @@ def main() -> None:
         enable_model_summary=False,
     )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=16))
+    if dist.is_initialized():  # Lightning keeps the group after fit (the "ddp" strategy)
+        shut_down()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,16 @@ from typing import Callable, Optional
 
 import torch.distributed as dist
 
-__all__ = ["shut_down"]
+__all__ = ["drain", "shut_down"]
+
+
+def drain() -> None:
+    """Let the gloo workers release the works queued so far (for where the group must stay)."""
+    dist.barrier()
+    time.sleep(0.2)
 
 
 def shut_down(destroy: Optional[Callable[[], None]] = None) -> None:
-    dist.barrier()
-    time.sleep(0.2)
+    """Drain, then destroy the process group (``destroy``: a framework's own way to)."""
+    drain()
     (destroy or dist.destroy_process_group)()
