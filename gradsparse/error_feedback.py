@@ -138,9 +138,7 @@ class ErrorFeedback:
         if not self.is_zero(layout):
             self._rescale(layout, grad, scale)
             residual = self.residuals.flat(layout, grad)
-            into = self._spares.get(layout)
-            if into is None or into.shape != residual.shape or into.dtype != residual.dtype:
-                into = self._spares[layout] = torch.empty_like(residual)
+            into = self._spare(layout, residual)
         found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {}, into=into)
         if found is None:
             return None
@@ -148,10 +146,22 @@ class ErrorFeedback:
         idle = tuple(name for (name, n), used in zip(layout, found.nonzero) if n and not used)
         large = found.large
         for start, end in _spans(layout, idle):
-            compensated[start:end] = 0  # nothing of theirs is sent
+            if into is not None:  # the gradient holds zeros there already
+                compensated[start:end] = 0  # nothing of theirs is sent
             if large is not None:
                 large = large[(large < start) | (large >= end)]
         return found.finite, idle, large, compensated
+
+    def _spare(self, layout: Layout, residual: torch.Tensor) -> torch.Tensor:
+        """The second residual buffer of ``layout``. When DDP regroups parameters, the
+        spares of the layouts that shared them go, as the store's flat tensors do."""
+        spare = self._spares.get(layout)
+        if spare is None or spare.shape != residual.shape or spare.dtype != residual.dtype:
+            names = {name for name, _ in layout}
+            for stale in [key for key in self._spares if key != layout and any(n in names for n, _ in key)]:
+                del self._spares[stale]
+            spare = self._spares[layout] = torch.empty_like(residual)
+        return spare
 
     def _stores(self) -> List[ParamStore]:
         return [self.residuals, self.velocity] if self.momentum else [self.residuals]
@@ -185,15 +195,13 @@ class ErrorFeedback:
             for start, end in _spans(layout, keep):
                 compensated[start:end] = self.residuals.flat(layout, compensated)[start:end]
             self._spares[layout] = self.residuals.swap(layout, compensated)
-            self._zero.difference_update(name for name, _ in layout)
-            for name, _ in layout:
-                self.scales[name] = scale
-            return
-        held = self._held(layout, compensated, keep)
+            held: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        else:
+            held = self._held(layout, compensated, keep)
+            residual = self.residuals.flat(layout, compensated)
+            residual.copy_(compensated)
+            residual.index_fill_(0, sent, 0)
         self._zero.difference_update(name for name, _ in layout)
-        residual = self.residuals.flat(layout, compensated)
-        residual.copy_(compensated)
-        residual.index_fill_(0, sent, 0)
         if self.momentum:
             if new_velocity is None:
                 raise ValueError("momentum correction needs the `new_velocity` that compensate() returned")

@@ -148,7 +148,8 @@ class FusedScan:
     finite: bool
     #: per segment: whether its gradient held anything but zeros before compensation
     nonzero: Tuple[bool, ...]
-    #: ascending int64 indices of ``|compensated| >= floor`` (None when no floor was given)
+    #: ascending int64 indices of ``|compensated| >= floor`` (None when no floor was given);
+    #: a view of the caller's scratch buffer, overwritten by the next pass
     large: Optional[torch.Tensor]
 
 
@@ -197,5 +198,5 @@ def compensate_scan(
             out = scratch["large"] = torch.empty(count + count // 4, dtype=torch.int64)
             again = kernels["collect"](o if residual is not None else g, threshold, out.numpy())
             assert again == count
-        large = out[:count].clone()
+        large = out[:count]  # a view of the reused buffer: valid until the next pass
     return FusedScan(bool(finite), tuple(nonzero), large)

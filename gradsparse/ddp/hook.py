@@ -110,7 +110,7 @@ def _compensate_fused(state: SparseHookState, step: BucketStep) -> bool:
         return False
     finite, step.idle, large, step.work = found
     step.scale = scale
-    if not finite or not plan.small_finite(step.buffer):
+    if not finite or not plan.scan(step.buffer, check_finite=True, compressed=False)[0]:
         step.nonfinite = True
     elif floor is not None and large is not None:
         step.large = (floor, large)

@@ -151,13 +151,16 @@ class BucketPlan:
             buffer[off : off + n].copy_(region[pos : pos + n])
             pos += n
 
-    def scan(self, buffer: torch.Tensor, *, check_finite: bool) -> Tuple[bool, Tuple[str, ...]]:
+    def scan(
+        self, buffer: torch.Tensor, *, check_finite: bool, compressed: bool = True
+    ) -> Tuple[bool, Tuple[str, ...]]:
         """One read pass over the bucket: whether it is finite (when asked), and which
-        compressed parameters received no gradient this step. DDP fills the slot of a
+        compressed parameters received no gradient this step (``compressed=False``: only
+        the parameters sent dense are read, for their finiteness). DDP fills the slot of a
         parameter that no backward reached (``find_unused_parameters``, ``static_graph``)
         with zeros; a used parameter whose gradient is exactly zero is treated the same,
         which is just as exact: nothing of it is sent and its residual waits."""
-        spans = [(o, n) for (_, n), o in zip(self.layout, self.offsets) if n]
+        spans = [(o, n) for (_, n), o in zip(self.layout, self.offsets) if n] if compressed else []
         if check_finite:
             spans += [(o, n) for o, n in self.small if n]
         if not spans:
@@ -167,17 +170,8 @@ class BucketPlan:
         high = torch.stack([b[1] for b in bounds])
         finite = not check_finite or bool(torch.isfinite(low).all() & torch.isfinite(high).all())
         zero = ((low == 0) & (high == 0)).tolist()
-        names = [name for name, n in self.layout if n]
+        names = [name for name, n in self.layout if n] if compressed else []
         return finite, tuple(name for name, z in zip(names, zero) if z)
-
-    def small_finite(self, buffer: torch.Tensor) -> bool:
-        """Whether the parameters sent dense are finite (one read pass over them)."""
-        for offset, n in self.small:
-            if n:
-                low, high = torch.aminmax(buffer[offset : offset + n])
-                if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                    return False
-        return True
 
     def small_values(self, buffer: torch.Tensor) -> Optional[torch.Tensor]:
         """The parameters sent dense, concatenated (None when there are none)."""

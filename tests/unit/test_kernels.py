@@ -122,3 +122,16 @@ def test_compressors_without_a_threshold_have_no_candidate_floor():
         assert C.build(name).candidate_floor(CompressorState(name), x, lambda positions: x[positions]) is None
     small = _grad(1000, 6)  # sorted outright: no sample, no floor
     assert C.build("topk").candidate_floor(CompressorState("t"), small, lambda positions: small[positions]) is None
+
+
+@needs_numba
+def test_second_residual_buffers_follow_ddp_regrouping():
+    """When DDP regroups parameters, the spare buffer of the old grouping goes (no leak)."""
+    ef = ErrorFeedback()
+    for layout in ((("a", 3000), ("b", 500)), (("b", 500), ("a", 3000)), (("a", 3000),), (("b", 500),)):
+        for _ in range(2):
+            grad = _grad(sum(n for _, n in layout), 7)
+            finite, idle, large, compensated = ef.compensate_scan(layout, grad, 1.0, 1.0, {})
+            assert large is not None
+            ef.update(layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=idle)
+    assert sorted(ef._spares) == [(("a", 3000),), (("b", 500),)]
