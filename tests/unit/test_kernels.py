@@ -131,7 +131,9 @@ def test_second_residual_buffers_follow_ddp_regrouping():
     for layout in ((("a", 3000), ("b", 500)), (("b", 500), ("a", 3000)), (("a", 3000),), (("b", 500),)):
         for _ in range(2):
             grad = _grad(sum(n for _, n in layout), 7)
-            finite, idle, large, compensated = ef.compensate_scan(layout, grad, 1.0, 1.0, {})
-            assert large is not None
+            found = ef.compensate_scan(layout, grad, 1.0, 1.0, {})
+            assert found is not None
+            finite, idle, large, compensated = found
+            assert finite and large is not None
             ef.update(layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=idle)
     assert sorted(ef._spares) == [(("a", 3000),), (("b", 500),)]
