@@ -9,6 +9,7 @@ accounting. They know nothing about compressors or hooks.
 ``split_allgather``    SparCML: sparse reduce-scatter over P ranges, allgather ranges
 ``recursive_doubling`` SparCML SSAR/DSAR: log2(P) pairwise merges, dense past break-even
 ``oktopk``             Ok-Topk: balanced sparse reduce-scatter, then a global top-k (lossy)
+``shared_topk``        ScaleCom: one rank per round chooses the indices, allreduce of values
 ``dense``              reduce-scatter + allgather of the densified tensor
 ``auto``               the fastest of the exact ones under a measured alpha-beta model
 =====================  ==========================================================
@@ -20,7 +21,7 @@ Backends: :class:`TorchDistBackend` (any process group), ``MPIBackend`` (mpi4py)
 from __future__ import annotations
 
 from .auto import AutoCollective
-from .backend import Backend, CommStats, TorchDistBackend, completed_future, ring_allreduce_bytes
+from .backend import Backend, CommStats, TorchDistBackend, binomial_sends, completed_future, ring_allreduce_bytes
 from .collectives import (
     AllgatherCollective,
     Collective,
@@ -33,6 +34,7 @@ from .collectives import (
 )
 from .cost import LinkModel, SparseRoute, measure_link, predict
 from .oktopk import OkTopkCollective
+from .shared import SharedIndices, SharedTopkCollective
 from .sparcml import RecursiveDoublingCollective, SplitAllgatherCollective
 from .wire import Headers, Message, PayloadError, PeerError
 
@@ -53,11 +55,14 @@ __all__ = [
     "PeerError",
     "RecursiveDoublingCollective",
     "Reduced",
+    "SharedIndices",
+    "SharedTopkCollective",
     "SparseRoute",
     "SplitAllgatherCollective",
     "TorchDistBackend",
     "allreduce_ordered",
     "available",
+    "binomial_sends",
     "build",
     "completed_future",
     "measure_link",

@@ -12,7 +12,19 @@ from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload
 
 from .backend import Backend
-from .wire import DENSE, Headers, Message, PayloadError, choose_encoding, decode, encode, encode_dense, encoded_bytes
+from .wire import (
+    DENSE,
+    FLAG_ERROR,
+    FLAG_NONFINITE,
+    Headers,
+    Message,
+    PayloadError,
+    choose_encoding,
+    decode,
+    encode,
+    encode_dense,
+    encoded_bytes,
+)
 
 __all__ = [
     "accumulate",
@@ -21,9 +33,15 @@ __all__ = [
     "decode_all",
     "encode_ranges",
     "gather_ranges",
+    "header_flags",
     "range_counts",
     "reduce_scatter_sparse",
 ]
+
+
+def header_flags(nonfinite: bool, failed: bool) -> int:
+    """A header's flags: this rank's gradient is not finite, or this rank failed."""
+    return (FLAG_NONFINITE if nonfinite else 0) | (FLAG_ERROR if failed else 0)
 
 
 def bounds(numel: int, parts: int) -> List[int]:

@@ -19,13 +19,32 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "CommStats", "TorchDistBackend", "completed_future", "ring_allreduce_bytes"]
+__all__ = [
+    "Backend",
+    "CommStats",
+    "TorchDistBackend",
+    "binomial_sends",
+    "completed_future",
+    "ring_allreduce_bytes",
+]
 
 
 def ring_allreduce_bytes(numel: int, itemsize: int, world: int) -> int:
     """Bytes one rank sends in a ring (or reduce-scatter + allgather) allreduce:
     2(P-1)/P of the tensor. The one place this formula lives."""
     return 2 * (world - 1) * numel * itemsize // max(world, 1)
+
+
+def binomial_sends(rank: int, root: int, world: int) -> int:
+    """How many copies ``rank`` sends in a binomial-tree broadcast from ``root`` (gloo's
+    and MPI's broadcast): the root about log2(P), leaves none."""
+    vrank, dim = (rank - root) % world, max(world - 1, 0).bit_length()
+    sends = 0
+    for i in range(dim):
+        above = ((1 << dim) - 1) & ~((1 << (i + 1)) - 1)
+        if vrank & above == 0 and not vrank & (1 << i) and (vrank | (1 << i)) < world:
+            sends += 1
+    return sends
 
 
 @dataclass
@@ -84,6 +103,10 @@ class Backend(ABC):
         """Send consecutive slices of ``tensor`` to each rank; receive in rank order."""
 
     @abstractmethod
+    def _broadcast(self, tensor: torch.Tensor, root: int) -> torch.futures.Future[torch.Tensor]:
+        """Overwrite ``tensor`` (contiguous, the same size on every rank) with ``root``'s."""
+
+    @abstractmethod
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
         """Blocking exchange with ``peer``: send ``send`` (skipped when empty) and receive
         ``recv_numel`` elements of the same dtype (skipped when 0)."""
@@ -123,6 +146,20 @@ class Backend(ABC):
         # bytes that carry nothing. An all-to-all with per-peer counts sends exactly the
         # payload, once to every peer.
         return self._alltoall(tensor.repeat(p), [counts[me]] * p, list(counts))
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.futures.Future[torch.Tensor]:
+        """``root``'s contiguous ``tensor`` to every rank, in place; every rank already knows
+        its size. Accounted as the binomial tree gloo and MPI run."""
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast: root must be a rank in [0, {self.size}), got {root}")
+        if not tensor.is_contiguous():
+            raise ValueError("broadcast: the tensor must be contiguous (it is overwritten in place)")
+        nbytes = tensor.numel() * tensor.element_size()
+        sends = binomial_sends(self.rank, root, self.size)
+        self.stats.bytes_sent += sends * nbytes
+        self.stats.bytes_received += nbytes if self.rank != root else 0
+        self.stats.messages += sends
+        return self._broadcast(tensor, root) if self.size > 1 else completed_future(tensor)
 
     def alltoallv(
         self, tensor: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int]
@@ -211,6 +248,10 @@ class TorchDistBackend(Backend):
         if self.size == 1:
             return completed_future(tensor)
         return _resolve(dist.all_reduce(tensor, group=self.group, async_op=True), tensor)
+
+    def _broadcast(self, tensor: torch.Tensor, root: int) -> torch.futures.Future[torch.Tensor]:
+        global_root = root if self.group is None else dist.get_global_rank(self.group, root)
+        return _resolve(dist.broadcast(tensor, global_root, group=self.group, async_op=True), tensor)
 
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
         recv = torch.empty(recv_numel, dtype=send.dtype, device=send.device)

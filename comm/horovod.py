@@ -66,6 +66,10 @@ class HorovodBackend(Backend):
         tensor.copy_(self.hvd.allreduce(tensor, op=self.hvd.Sum))
         return completed_future(tensor)
 
+    def _broadcast(self, tensor: torch.Tensor, root: int) -> torch.futures.Future[torch.Tensor]:
+        self.hvd.broadcast_(tensor, root_rank=root)
+        return completed_future(tensor)
+
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
         raise NotImplementedError(
             "Horovod has no point-to-point operations: use the allgather, split_allgather, oktopk, dense "

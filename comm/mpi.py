@@ -72,6 +72,10 @@ class MPIBackend(Backend):
         self.comm.Allreduce(mpi.IN_PLACE, _buf(tensor), op=mpi.SUM)
         return completed_future(tensor)
 
+    def _broadcast(self, tensor: torch.Tensor, root: int) -> torch.futures.Future[torch.Tensor]:
+        self.comm.Bcast(_buf(tensor), root=root)
+        return completed_future(tensor)
+
     def _sendrecv(self, send: torch.Tensor, peer: int, recv_numel: int) -> torch.Tensor:
         recv = torch.empty(recv_numel, dtype=send.dtype, device=send.device)
         self.comm.Sendrecv(_buf(send), dest=peer, recvbuf=_buf(recv), source=peer)

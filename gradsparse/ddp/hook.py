@@ -26,11 +26,14 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from gradsparse.comm import PeerError, Reduced, completed_future, ring_allreduce_bytes
+from gradsparse.comm import PeerError, Reduced, SharedTopkCollective, ring_allreduce_bytes
+from gradsparse.compressors import k_for_density
 from gradsparse.payload import SparsePayload
 
 from .plan import BucketPlan
 from .policy import Decision
+from .shared import reduce_shared
+from .sparse_gradient import sparse_gradient
 from .state import SparseHookState
 
 __all__ = [
@@ -67,6 +70,7 @@ class BucketStep:
     nonfinite: bool = False
     idle: Tuple[str, ...] = ()  # parameters that received no gradient: their state is kept
     failure: Optional[BaseException] = None
+    leader: Optional[int] = None  # shared_topk: the rank that selects for this bucket
     started: float = 0.0
     sent_at: float = 0.0
 
@@ -87,7 +91,17 @@ def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch
     region = plan.gather(buffer)
     active = plan.masks.active if decision.masked else None
     payload = SparsePayload.empty(decision.work_numel, buffer)
-    return BucketStep(plan, decision, buffer, region, region, active, payload, started=time.perf_counter())
+    step = BucketStep(plan, decision, buffer, region, region, active, payload, started=time.perf_counter())
+    if isinstance(state.collective, SharedTopkCollective) and not decision.dense:
+        step.leader = state.collective.leader(state.rounds, state.backend.size)
+        state.rounds += 1  # the same on every rank: every rank reduces the same buckets
+    return step
+
+
+def _selects(state: SparseHookState, step: BucketStep) -> bool:
+    """Whether this rank selects for the bucket: always, except under ``shared_topk``,
+    where only the round's leader does."""
+    return step.leader is None or step.leader == state.backend.rank
 
 
 def _compensate_fused(state: SparseHookState, step: BucketStep) -> bool:
@@ -104,7 +118,9 @@ def _compensate_fused(state: SparseHookState, step: BucketStep) -> bool:
     def values_at(positions: torch.Tensor) -> torch.Tensor:
         return feedback.compensated_at(plan.layout, step.region, positions, scale)
 
-    floor = state.selection.candidate_floor(compressor, plan.key, plan.layout, step.region, values_at)
+    floor = None
+    if _selects(state, step):
+        floor = state.selection.candidate_floor(compressor, plan.key, plan.layout, step.region, values_at)
     found = feedback.compensate_scan(plan.layout, step.region, scale, floor, plan.scratch)
     if found is None:
         return False
@@ -144,7 +160,7 @@ def compensate(state: SparseHookState, step: BucketStep) -> None:
 
 def select(state: SparseHookState, step: BucketStep) -> None:
     """The compressor's payload over the work tensor (sparse route only)."""
-    if step.decision.dense or step.nonfinite or not step.region.numel():
+    if step.decision.dense or step.nonfinite or not step.region.numel() or not _selects(state, step):
         return
     plan = step.plan
     layout = plan.layout if step.active is None else plan.masks.layout
@@ -160,6 +176,14 @@ def communicate(state: SparseHookState, step: BucketStep) -> List[torch.futures.
     try:
         if step.decision.dense:
             main: torch.futures.Future[Any] = collective.reduce_dense(step.work, backend, failed=failed)
+        elif step.leader is not None:
+            assert isinstance(collective, SharedTopkCollective)
+            capacity = k_for_density(getattr(step.decision.compressor, "density"), step.work.numel())  # noqa: B009
+            mine = step.payload if step.leader == backend.rank else None
+            step.payload, main = reduce_shared(
+                collective, backend, step.work, mine, leader=step.leader, capacity=capacity,
+                nonfinite=step.nonfinite, failed=failed,
+            )  # fmt: skip
         else:
             main = collective.reduce(
                 step.payload, backend, context=step.plan.context, nonfinite=step.nonfinite, failed=failed
@@ -225,7 +249,12 @@ def write(state: SparseHookState, step: BucketStep, result: torch.Tensor, small:
 
 def finish(state: SparseHookState, step: BucketStep, futures: List[torch.futures.Future[Any]]) -> torch.Tensor:
     """The continuation: commit and write once every sum has arrived."""
-    values = [fut.value() for fut in futures]  # re-raises a failed collective (timeout, lost peer)
+    try:
+        values = [fut.value() for fut in futures]  # re-raises a failed collective (timeout, lost peer)
+    except Exception:  # a PeerError, wrapped by torch when raised in a callback
+        if step.failure is not None:  # this rank is the one that failed: raise its own error
+            raise step.failure from None
+        raise
     arrived = time.perf_counter()
     state.counters.communicate_s += arrived - step.sent_at
     result = commit(state, step, values[0])
@@ -264,24 +293,6 @@ def reduce_gradients(
     return torch.futures.collect_all(futures).then(lambda _: finish(state, step, futures))
 
 
-def _sparse_gradient(state: SparseHookState, grad: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-    """A sparse gradient (``nn.Embedding(sparse=True)``; DDP gives it a bucket of its own):
-    DDP's own sparse path, which sums coalesced (row index, row) pairs across ranks. It is
-    already sparse, so nothing is selected and nothing is kept back."""
-    backend = state.backend
-    world = backend.size
-    coalesced = grad.coalesce()
-    nbytes = coalesced._indices().numel() * 8 + coalesced._values().numel() * coalesced.element_size()
-    state.counters.bytes_sent += (world - 1) * nbytes  # gloo sums sparse tensors by allgather
-    state.counters.messages += world - 1
-    state.counters.dense_bytes += ring_allreduce_bytes(grad.numel(), grad.element_size(), world)
-    coalesced = coalesced.div_(world)
-    if world == 1:
-        return completed_future(coalesced)
-    work = dist.all_reduce(coalesced, group=state.process_group, async_op=True)
-    return work.get_future().then(lambda f: f.value()[0])
-
-
 def _compiled_step(state: SparseHookState, grad: Any, param: Any) -> torch.futures.Future[torch.Tensor]:
     """Compiled DDP (``optimize_ddp="python_reducer"`` with compiled autograd) calls the hook
     once per parameter as ``hook(state, (param.grad, param))`` and ignores what it returns:
@@ -298,7 +309,7 @@ def _compiled_step(state: SparseHookState, grad: Any, param: Any) -> torch.futur
         end_step(state)
     seen.add(id(param))
     if grad.layout != torch.strided:
-        fut = _sparse_gradient(state, grad)
+        fut = sparse_gradient(state, grad)
         grad.copy_(fut.wait())
         return fut
     flat = grad.view(-1) if grad.is_contiguous() else grad.contiguous().view(-1)
@@ -321,7 +332,7 @@ def sparse_allreduce_hook(state: SparseHookState, bucket: dist.GradBucket) -> to
         return _compiled_step(state, *bucket)
     buffer = bucket.buffer()
     if buffer.layout != torch.strided:
-        fut = _sparse_gradient(state, buffer)
+        fut = sparse_gradient(state, buffer)
     else:
         fut = reduce_gradients(state, buffer, bucket.parameters())
     if bucket.is_last():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from gradsparse import compressors as _compressors
-from gradsparse.comm import Backend, Collective, TorchDistBackend
+from gradsparse.comm import Backend, Collective, SharedTopkCollective, TorchDistBackend
 from gradsparse.comm import build as build_collective
 from gradsparse.compressors import Compressor
 from gradsparse.error_feedback import ErrorFeedback
@@ -77,6 +77,12 @@ class SparseHookState:
             raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")
         self.options.check_against(self.compressor, masker)
         self.collective: Collective = collective if isinstance(collective, Collective) else build_collective(collective)
+        if isinstance(self.collective, SharedTopkCollective) and not self.compressor.density_based:
+            raise ValueError(
+                f"Expected argument `compressor` to have a density budget with collective 'shared_topk' "
+                f"(the leader sends density * numel indices), but got {self.compressor.name!r}; use one of "
+                f"{[n for n in _compressors.available() if _compressors.registry.get(n).density_based]}."
+            )
         self.masker = masker
         self.grad_scaler = grad_scaler
 
@@ -86,6 +92,7 @@ class SparseHookState:
 
         # State keyed by parameter name, and the policy's memory ----------------------------
         self.step = 0
+        self.rounds = 0  # buckets reduced by shared_topk: round r is led by rank r mod P
         self.feedback = ErrorFeedback(momentum)
         self.selection = CompressorStates(self.compressor, scope)
         self.names = ParamNames()

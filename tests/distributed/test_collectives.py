@@ -160,7 +160,7 @@ def test_oktopk_keeps_the_global_top_k_and_returns_the_rest(world):
 def _mismatch(rank, world):
     backend = TorchDistBackend()
     errors = []
-    for name in [*EXACT, "oktopk", "auto"]:
+    for name in [*EXACT, "oktopk", "shared_topk", "auto"]:
         collective = build(name) if name != "auto" else AutoCollective(1e-4, 1e8, 1e10)
         numel = 100 + (rank == 1)  # rank 1 disagrees about the tensor size
         payload = SparsePayload(torch.tensor([1, 5], dtype=torch.int32), torch.ones(2), numel)
@@ -180,7 +180,7 @@ def _mismatch(rank, world):
 def test_bad_input_raises_on_every_rank():
     results = run_distributed(_mismatch, 3)
     for rank, errors in enumerate(results):
-        assert len(errors) == 12, errors
+        assert len(errors) == 14, errors
         assert all("numel differs across ranks: [100, 101, 100]" in e for e in errors[0::2])
         for e in errors[1::2]:
             assert ("failed before sending" in e) if rank else ("refused to send its payload" in e), e

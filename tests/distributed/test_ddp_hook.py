@@ -334,7 +334,7 @@ def test_world_size_one():
 
 # --- every collective through the hook ------------------------------------------------
 
-COLLECTIVES = ["allgather", "split_allgather", "recursive_doubling", "oktopk", "dense", "auto"]
+COLLECTIVES = ["allgather", "split_allgather", "recursive_doubling", "oktopk", "shared_topk", "dense", "auto"]
 
 
 def _train_with_every_collective(rank, world):

@@ -50,9 +50,32 @@ def main() -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     everyone = hvd.allgather(flat.unsqueeze(0))
     assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ"
+    check_shared_topk(min_numel)
     if hvd.rank() == 0:
         torch.save({"params": flat, "bytes_sent": opt.bytes_sent}, out)
         print("HOROVOD CHECKS PASSED")
+
+
+def check_shared_topk(min_numel: int) -> None:
+    """shared_topk over Horovod's broadcast and allreduce: replicas stay identical."""
+    model = make_model(seed=1)
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        named_parameters=model.named_parameters(),
+        compressor="topk",
+        density=0.05,
+        collective="shared_topk",
+        min_compress_numel=min_numel,
+    )
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(4):
+        opt.zero_grad()
+        loss_of(model, hvd.rank(), step).backward()
+        opt.step()
+    assert opt.hook_state.rounds > 0
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(flat.unsqueeze(0))
+    assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ under shared_topk"
 
 
 if __name__ == "__main__":

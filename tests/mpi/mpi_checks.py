@@ -6,6 +6,7 @@ Exits non-zero on the first failure; rank 0 prints ``MPI CHECKS PASSED`` at the 
 
 import sys
 from pathlib import Path
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import gradsparse as gs
-from gradsparse.comm import MPIBackend, TorchDistBackend, build
+from gradsparse.comm import Collective, MPIBackend, SharedTopkCollective, TorchDistBackend, build
 from gradsparse.comm.auto import AutoCollective
 from gradsparse.launch import init_distributed
 from tests.distributed.test_collectives import make_payload, reference
@@ -54,7 +55,7 @@ def check_collectives(mpi: MPIBackend, gloo: TorchDistBackend) -> int:
 
 def check_accounting(mpi: MPIBackend, gloo: TorchDistBackend) -> None:
     payload = make_payload(mpi.rank, 8000, "random", 0.05, torch.float32, 1)
-    for name in ("allgather", "split_allgather", "recursive_doubling", "dense"):
+    for name in ("allgather", "split_allgather", "recursive_doubling", "dense", "shared_topk"):
         deltas = []
         for backend in (mpi, gloo):
             before = backend.stats.as_dict()
@@ -63,7 +64,7 @@ def check_accounting(mpi: MPIBackend, gloo: TorchDistBackend) -> None:
         assert deltas[0] == deltas[1], f"{name}: accounting differs between backends: {deltas}"
 
 
-def train(backend_factory, collective: str) -> torch.Tensor:
+def train(backend_factory, collective: Union[str, Collective]) -> torch.Tensor:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5))
     ddp = nn.parallel.DistributedDataParallel(model)  # DDP's own group stays gloo
@@ -84,7 +85,9 @@ def main() -> None:
     assert mpi.rank == gloo.rank and mpi.size == gloo.size
     checked = check_collectives(mpi, gloo)
     check_accounting(mpi, gloo)
-    for collective in ("allgather", "split_allgather", "recursive_doubling", "oktopk"):
+    # shared_topk sums in rank order here, so that MPI and gloo give the same bits
+    shared = SharedTopkCollective(rank_order=True)
+    for collective in ("allgather", "split_allgather", "recursive_doubling", "oktopk", shared):
         with_mpi = train(lambda: MPIBackend(MPI.COMM_WORLD), collective)
         with_gloo = train(TorchDistBackend, collective)
         assert torch.equal(with_mpi, with_gloo), f"hook with {collective}: MPI and gloo training differ"

@@ -76,6 +76,9 @@ class ScriptedBackend(Backend):
     def _alltoall(self, tensor, send_counts: Sequence[int], recv_counts: Sequence[int]):
         return completed_future(torch.cat([tensor[: send_counts[0]], *self._messages()]))
 
+    def _broadcast(self, tensor, root):
+        raise NotImplementedError("the scripted backend plays allgather and alltoall only")
+
     def _sendrecv(self, send, peer, recv_numel):
         raise NotImplementedError
 
@@ -242,3 +245,13 @@ def test_a_bad_local_payload_is_refused_after_telling_the_peers(bad, match):
 def test_unknown_collective_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown collective 'ring'; expected one of \['allgather', 'auto'"):
         build("ring")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 7, 8, 16])
+def test_binomial_broadcast_sends_each_copy_once(world):
+    from gradsparse.comm import binomial_sends
+
+    for root in range(world):
+        sends = [binomial_sends(r, root, world) for r in range(world)]
+        assert sum(sends) == world - 1  # every rank but the root receives one copy
+        assert sends[root] == max(0, (world - 1).bit_length())  # the root: ceil(log2 P)
