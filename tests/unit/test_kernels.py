@@ -137,3 +137,32 @@ def test_second_residual_buffers_follow_ddp_regrouping():
             assert finite and large is not None
             ef.update(layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=idle)
     assert sorted(ef._spares) == [(("a", 3000),), (("b", 500),)]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype,index_dtype", [(torch.float32, torch.int32), (torch.float64, torch.int64)])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 3])
+def test_scatter_sum_is_index_add_bit_for_bit(dtype, index_dtype, scale):
+    n = 10_000
+    lists = []
+    for seed in range(3):  # overlapping lists, one empty
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.sort(torch.randperm(n, generator=gen)[: 0 if seed == 1 else 700]).values.to(index_dtype)
+        lists.append((idx, torch.randn(idx.numel(), generator=gen).to(dtype)))
+    out = torch.full((n,), float("nan"), dtype=dtype)  # whatever was there is overwritten
+    assert kernels.scatter_sum(out, lists, scale)
+    expected = torch.zeros(n, dtype=dtype)
+    for idx, values in lists:
+        expected.index_add_(0, idx, values, alpha=scale)
+    assert torch.equal(out, expected)
+
+
+@needs_numba
+def test_scatter_sum_refuses_what_it_cannot_do():
+    out = torch.zeros(10)
+    idx = torch.tensor([1, 2], dtype=torch.int32)
+    assert not kernels.scatter_sum(out, [(idx, torch.ones(2, dtype=torch.float16))], 1.0)  # other dtype
+    assert not kernels.scatter_sum(out.to(torch.float16), [(idx, torch.ones(2))], 1.0)
+    assert not kernels.scatter_sum(out, [(idx, torch.ones(3))], 1.0)  # lengths differ
+    with pytest.raises(IndexError, match=r"outside \[0, 10\)"):
+        kernels.scatter_sum(out, [(torch.tensor([3, 10], dtype=torch.int32), torch.ones(2))], 1.0)
