@@ -3,6 +3,7 @@
     gradsparse-bench cluster up --ranks 4 --rate 1gbit     # emulated nodes (root), also down/status
     gradsparse-bench run --world-sizes 4 --rates 1gbit --sizes 25e6 --densities 0.001,0.01,0.1
     gradsparse-bench run --loopback ...                      # no root: unshaped 127.0.0.1
+    gradsparse-bench run --world-sizes 2 --model resnet,gpt2  # whole training steps of real layouts
     gradsparse-bench select --numel 25e6 --density 0.01     # the selection kernels alone
 
 ``run`` times a full DDP step (backward, hook, wait) of one large parameter on every rank,
@@ -11,8 +12,10 @@ sparse hook with each compressor and collective, in the same run. Each configura
 first checked against a dense allreduce. It reports the median and interquartile range
 after warm-up, a time split, bytes per rank (the collectives' accounting and, on the
 emulated cluster, the interfaces' own counters), the speedup over DDP's allreduce and the
-ratio to the analytic limit (payload bytes at the link rate plus one memory pass). Output
-goes to JSON lines, CSV, a Markdown table and PNG plots.
+ratio to the analytic limit (payload bytes at the link rate plus one memory pass). With
+``--model`` it times whole training steps of a ResNet-style CNN or a GPT-2-shaped
+transformer instead, and reports samples/s. Output goes to JSON lines, CSV, Markdown
+tables and PNG plots.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from gradsparse.cluster import Cluster, ClusterError, parse_rate
 from gradsparse.report import write_csv
 
 from .configs import BASELINES
+from .models import MODELS, parameter_count
 from .select import select_bench
 from .sweep import configs_for, enrich, run_group
 from .tables import plots, table
@@ -63,6 +67,13 @@ def _add_run(sub: Any) -> None:
         help="give one rank's link its own rate, e.g. 3:100mbit (a degraded node); repeatable",
     )
     run.add_argument("--sizes", default="1e6,25e6", help="comma-separated parameter sizes in entries")
+    run.add_argument(
+        "--model",
+        default="",
+        help=f"comma-separated models among {sorted(MODELS)}: time whole training steps of them (forward, "
+        "backward with the hook in DDP's buckets, optimizer step) on synthetic data instead of one parameter "
+        "of each --sizes",
+    )
     run.add_argument("--densities", default="0.001,0.01,0.1", help="comma-separated densities of the sparse runs")
     run.add_argument("--compressors", default="sampled_topk", help="comma-separated compressors")
     run.add_argument(
@@ -141,7 +152,9 @@ def _run(args: argparse.Namespace) -> int:
     if slow and args.loopback:
         raise ValueError("--slow-rank shapes the emulated cluster's links; drop --loopback")
     sizes = [int(v) for v in _floats(args.sizes)]
-    configs = configs_for(sizes, _floats(args.densities), _names(args.compressors), _names(args.collectives), baselines)
+    models = [(name, parameter_count(name)) for name in _names(args.model)]
+    densities, compressors = _floats(args.densities), _names(args.compressors)
+    configs = configs_for(sizes, densities, compressors, _names(args.collectives), baselines, models)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: List[Dict[str, Any]] = []

@@ -8,7 +8,9 @@ __all__ = ["BASELINES", "Config"]
 
 #: DDP's allreduce and PyTorch's own compression hooks, measured in the same run (16-bit is
 #: the honest baseline to beat: Han et al. 2024)
-BASELINES = ("ddp", "bf16", "fp16", "powersgd1", "powersgd4")
+BASELINES = ("ddp", "bf16", "fp16", "powersgd1", "powersgd4", "noop")
+#: PyTorch's ``noop_hook``: no communication at all, the floor a step cannot go below
+#: (headroom analysis); its gradients are each rank's own, so it trains nothing together
 #: the baselines that halve the bytes by casting to a 16-bit type
 HALF = ("bf16", "fp16")
 
@@ -20,6 +22,7 @@ class Config:
     density: float = 1.0
     compressor: str = ""
     collective: str = ""
+    model: str = ""  # gradsparse.bench.models.MODELS: whole training steps of that model
 
     @property
     def label(self) -> str:

@@ -18,6 +18,7 @@ from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.timing import median_seconds
 
 from .configs import HALF, Config
+from .model_step import bench_model, busiest
 
 __all__ = ["bench_one", "bf16_hook", "worker"]
 
@@ -76,18 +77,18 @@ def bf16_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
-def _make(cfg: Config) -> Tuple[_OneParameter, nn.parallel.DistributedDataParallel, Any]:
+def _register(cfg: Config, ddp: nn.parallel.DistributedDataParallel) -> Any:
+    """Register ``cfg``'s method on ``ddp``; the sparse hook's state, or None."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
     import gradsparse as gs
 
-    module = _OneParameter(_shape(cfg.numel))
-    ddp = nn.parallel.DistributedDataParallel(
-        module, bucket_cap_mb=cfg.numel * 4 / 2**20 + 1, gradient_as_bucket_view=True
-    )
-    state = None
-    if cfg.method in HALF:
+    if cfg.method == "noop":
+        from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
+
+        ddp.register_comm_hook(None, debugging_hooks.noop_hook)
+    elif cfg.method in HALF:
         ddp.register_comm_hook(None, bf16_hook if cfg.method == "bf16" else default_hooks.fp16_compress_hook)
     elif cfg.method.startswith("powersgd"):
         ps = powersgd.PowerSGDState(
@@ -100,10 +101,19 @@ def _make(cfg: Config) -> Tuple[_OneParameter, nn.parallel.DistributedDataParall
         )
         ddp.register_comm_hook(ps, powersgd.powerSGD_hook)
     elif cfg.method == "sparse":
-        state = gs.register_sparse_hook(
-            ddp, cfg.compressor, density=cfg.density, collective=cfg.collective, min_compress_numel=0
+        min_numel = 1024 if cfg.model else 0  # a model's biases and norms stay dense, as by default
+        return gs.register_sparse_hook(
+            ddp, cfg.compressor, density=cfg.density, collective=cfg.collective, min_compress_numel=min_numel
         )
-    return module, ddp, state
+    return None
+
+
+def _make(cfg: Config) -> Tuple[_OneParameter, nn.parallel.DistributedDataParallel, Any]:
+    module = _OneParameter(_shape(cfg.numel))
+    ddp = nn.parallel.DistributedDataParallel(
+        module, bucket_cap_mb=cfg.numel * 4 / 2**20 + 1, gradient_as_bucket_view=True
+    )
+    return module, ddp, _register(cfg, ddp)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, loose: bool = False) -> bool:
@@ -124,11 +134,17 @@ def _check(cfg: Config, grad: torch.Tensor) -> Tuple[bool, str, float]:
     dist.all_reduce(dense)
     dense /= world
     rel_error = float(torch.linalg.vector_norm(result - dense) / torch.linalg.vector_norm(dense))
+    if cfg.method == "noop":
+        return True, "no communication (floor)", rel_error
     if cfg.method == "ddp" or cfg.method in HALF:
         return _close(result, dense, loose=cfg.method in HALF), "exact", rel_error
     if cfg.method.startswith("powersgd"):
         return True, "lossy (first steps are vanilla allreduce)", rel_error
-    local = compressors.build(cfg.compressor, density=cfg.density).compress(grad.reshape(-1)).to_dense()
+    payload = compressors.build(cfg.compressor, density=cfg.density).compress(grad.reshape(-1))
+    if cfg.collective == "shared_topk":  # a fresh state's first round is led by rank 0
+        expected = _leader_sum(payload, grad.reshape(-1), cfg.density)
+        return _close(result, expected), "exact (leader's indices)", rel_error
+    local = payload.to_dense()
     dist.all_reduce(local)
     local /= world
     if cfg.collective == "oktopk":  # keeps the global top-k: a subset of the exact sparse sum
@@ -140,12 +156,28 @@ def _check(cfg: Config, grad: torch.Tensor) -> Tuple[bool, str, float]:
     return _close(result, local), "exact", rel_error
 
 
+def _leader_sum(mine: Any, grad: torch.Tensor, density: float) -> torch.Tensor:
+    """The average of every rank's ``grad`` at rank 0's chosen indices (``mine`` on rank
+    0, trimmed to its budget as the hook does)."""
+    from gradsparse.compressors import k_for_density
+    from gradsparse.ddp.shared import trim
+
+    chosen = torch.zeros(grad.numel(), dtype=torch.uint8)
+    if dist.get_rank() == 0:
+        chosen[trim(mine, k_for_density(density, grad.numel())).long()] = 1
+    dist.broadcast(chosen, 0)
+    expected = grad * chosen
+    dist.all_reduce(expected)
+    return expected / dist.get_world_size()
+
+
 def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: Optional[str]) -> Dict[str, Any]:
     """Median and quartiles of the step time, the time split, and bytes per step."""
     _, ddp, state = _make(cfg)
     times: List[float] = []
     split = dict.fromkeys(_SPLIT, 0.0)
     sent: List[float] = []
+    received: List[float] = []
     wire: List[int] = []
     for i in range(warmup + iters):
         before = state.stats() if state is not None else None
@@ -165,7 +197,8 @@ def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: O
             for key in split:
                 split[key] += (after[key] - before[key]) / iters
             sent.append(after["bytes_sent"] - before["bytes_sent"] + after["control_bytes"] - before["control_bytes"])
-    return {"times": times, "split": split, "sent": sent, "wire": wire}
+            received.append(after["bytes_received"] - before["bytes_received"])
+    return {"times": times, "split": split, "sent": sent, "received": received, "wire": wire}
 
 
 def _formula_bytes(cfg: Config, world: int) -> float:
@@ -173,6 +206,8 @@ def _formula_bytes(cfg: Config, world: int) -> float:
     low_rank = {"powersgd1": 1, "powersgd4": 4}.get(cfg.method)
     if low_rank is not None:
         return ring_allreduce_bytes(rows + cols, 4, world) * low_rank
+    if cfg.method == "noop":
+        return 0
     return ring_allreduce_bytes(cfg.numel, 2 if cfg.method in HALF else 4, world)
 
 
@@ -197,7 +232,7 @@ def bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) ->
     dist.all_reduce(summary, op=dist.ReduceOp.MAX)
     ok_all = torch.tensor([int(ok)])
     dist.all_reduce(ok_all, op=dist.ReduceOp.MIN)
-    sent = timed["sent"]
+    sent, received = busiest(timed["sent"], timed["received"], _formula_bytes(cfg, world))
     return {
         **cfg.__dict__,
         "label": cfg.label,
@@ -208,7 +243,8 @@ def bench_one(cfg: Config, warmup: int, iters: int, interface: Optional[str]) ->
         "correct": bool(ok_all.item()),
         "check": check,
         "rel_error_vs_dense": rel_error,
-        "bytes_per_rank": statistics.median(sent) if sent else _formula_bytes(cfg, world),
+        "bytes_per_rank": sent,
+        "received_per_rank": received,
         "wire_bytes_per_rank": statistics.median(timed["wire"]) if timed["wire"] else None,
         "pass_s": _pass_seconds(cfg.numel),
         **timed["split"],
@@ -223,7 +259,11 @@ def worker(spec_path: str) -> None:
     store = dist.FileStore(spec["store_file"], world)  # no listening socket for the rendezvous
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     for raw in spec["configs"]:
-        row = bench_one(Config(**raw), spec["warmup"], spec["iters"], spec.get("interface"))
+        cfg = Config(**raw)
+        if cfg.model:
+            row = bench_model(cfg, spec["warmup"], spec["iters"], spec.get("interface"), _register, _wire_counters)
+        else:
+            row = bench_one(cfg, spec["warmup"], spec["iters"], spec.get("interface"))
         if dist.get_rank() == 0:
             with open(spec["out"], "a") as fh:
                 fh.write(json.dumps(row) + "\n")

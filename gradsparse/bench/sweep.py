@@ -29,13 +29,17 @@ def configs_for(
     compressors: Sequence[str],
     collectives: Sequence[str],
     baselines: Sequence[str],
+    models: Sequence[Tuple[str, int]] = (),
 ) -> List[Config]:
+    """Every baseline and every sparse combination, per size, or per model when ``models``
+    (name, parameter count) are given."""
     out: List[Config] = []
-    for numel in sizes:
-        out += [Config(b, numel) for b in baselines]
+    targets = [(n, "") for n in sizes] if not models else [(numel, name) for name, numel in models]
+    for numel, model in targets:
+        out += [Config(b, numel, model=model) for b in baselines]
         for density in densities:
             for compressor in compressors:
-                out += [Config("sparse", numel, density, compressor, c) for c in collectives]
+                out += [Config("sparse", numel, density, compressor, c, model) for c in collectives]
     return out
 
 
@@ -122,16 +126,24 @@ def run_group(
 
 
 def enrich(rows: List[Dict[str, Any]]) -> None:
-    """Speedup over DDP's allreduce in the same group, and the ratio to the analytic limit
-    (payload bytes at the link rate plus one memory pass)."""
+    """Speedup over DDP's allreduce in the same group, the ratio to the step without any
+    communication (``noop``, when measured), and the ratio to the analytic limit
+    (the busiest rank's payload bytes, sent or received, at the link rate plus one memory
+    pass; none for whole models)."""
+
+    def key(r: Dict[str, Any]) -> Tuple[Any, ...]:
+        return (r["numel"], r.get("model", ""), r["world"], r.get("rate"))
+
     for row in rows:
-        key = (row["numel"], row["world"], row.get("rate"))
-        base = next((r for r in rows if r["method"] == "ddp" and (r["numel"], r["world"], r.get("rate")) == key), None)
+        base = next((r for r in rows if r["method"] == "ddp" and key(r) == key(row)), None)
         row["speedup_vs_ddp"] = base["median_s"] / row["median_s"] if base else None
+        floor = next((r for r in rows if r["method"] == "noop" and key(r) == key(row)), None)
+        row["x_floor"] = row["median_s"] / floor["median_s"] if floor else None
         bps = parse_rate(row["rate"]) if row.get("rate") else None
         row["rate_bps"] = bps
-        if bps is not None:
-            row["limit_s"] = row["bytes_per_rank"] * 8 / bps + row["pass_s"]
+        if bps is not None and not row.get("model"):  # a whole model's step is mostly compute
+            moved = max(row["bytes_per_rank"], row.get("received_per_rank") or 0)
+            row["limit_s"] = moved * 8 / bps + row["pass_s"]
             row["ratio_to_limit"] = row["median_s"] / row["limit_s"]
         else:
             row["limit_s"] = row["ratio_to_limit"] = None

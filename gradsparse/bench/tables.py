@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Sequence
 
 from gradsparse.report import Plot, markdown_table, plot_lines
 
-__all__ = ["HEADER", "plots", "table"]
+__all__ = ["HEADER", "MODEL_HEADER", "plots", "table"]
 
 HEADER = (
     "P",
@@ -17,12 +17,19 @@ HEADER = (
     "density",
     "median ms (IQR)",
     "select / comm / decode ms",
-    "MB per rank",
+    "MB sent / recv",
     "wire MB",
     "speedup vs DDP",
     "x limit",
     "check",
 )
+
+
+def _mb(r: Dict[str, Any]) -> str:
+    """Bytes per step of the busiest rank, sent and received."""
+    received = r.get("received_per_rank")
+    sent = f"{r['bytes_per_rank'] / 1e6:.2f}"
+    return sent if received is None else f"{sent} / {received / 1e6:.2f}"
 
 
 def _cells(r: Dict[str, Any]) -> List[str]:
@@ -37,7 +44,7 @@ def _cells(r: Dict[str, Any]) -> List[str]:
         f"{r['density']:g}" if sparse else "-",
         f"{1e3 * r['median_s']:.1f} ({1e3 * r['q1_s']:.1f}-{1e3 * r['q3_s']:.1f})",
         split if sparse else "-",
-        f"{r['bytes_per_rank'] / 1e6:.2f}",
+        _mb(r),
         wire,
         f"{r['speedup_vs_ddp']:.1f}x" if r.get("speedup_vs_ddp") else "-",
         f"{r['ratio_to_limit']:.2f}" if r.get("ratio_to_limit") else "-",
@@ -45,8 +52,49 @@ def _cells(r: Dict[str, Any]) -> List[str]:
     ]
 
 
+MODEL_HEADER = (
+    "P",
+    "link",
+    "model",
+    "method",
+    "density",
+    "step ms (min-max)",
+    "samples/s",
+    "MB sent / recv",
+    "wire MB",
+    "speedup vs DDP",
+    "x no-comm step",
+    "loss first -> last",
+    "check",
+)
+
+
+def _model_cells(r: Dict[str, Any]) -> List[str]:
+    return [
+        str(r["world"]),
+        r.get("rate") or "loopback",
+        f"{r['model']} ({r['numel'] / 1e6:.1f}M)",
+        r["label"],
+        f"{r['density']:g}" if r["method"] == "sparse" else "-",
+        f"{1e3 * r['median_s']:.0f} ({1e3 * r['q1_s']:.0f}-{1e3 * r['q3_s']:.0f})",
+        f"{r['samples_per_s']:.1f}",
+        _mb(r),
+        f"{r['wire_bytes_per_rank'] / 1e6:.2f}" if r.get("wire_bytes_per_rank") else "-",
+        f"{r['speedup_vs_ddp']:.2f}x" if r.get("speedup_vs_ddp") else "-",
+        f"{r['x_floor']:.2f}" if r.get("x_floor") else "-",
+        f"{r['first_loss']:.2f} -> {r['last_loss']:.2f}",
+        f"{'ok' if r['correct'] else 'FAILED'} ({r['check']})",
+    ]
+
+
 def table(rows: Sequence[Dict[str, Any]]) -> str:
-    return markdown_table(HEADER, [_cells(r) for r in rows])
+    """One Markdown table for single-parameter rows, another for whole-model rows."""
+    single = [r for r in rows if not r.get("model")]
+    models = [r for r in rows if r.get("model")]
+    parts = [markdown_table(HEADER, [_cells(r) for r in single])] if single else []
+    if models:
+        parts.append(markdown_table(MODEL_HEADER, [_model_cells(r) for r in models]))
+    return "\n\n".join(parts)
 
 
 _PLOTS = (
@@ -66,4 +114,4 @@ _PLOTS = (
 
 
 def plots(rows: Sequence[Dict[str, Any]], out: Path) -> List[Path]:
-    return plot_lines([r for r in rows if r["method"] == "sparse"], _PLOTS, out)
+    return plot_lines([r for r in rows if r["method"] == "sparse" and not r.get("model")], _PLOTS, out)
