@@ -18,7 +18,7 @@ from .harness import descendants, local_addresses, socket_inodes, watch_sockets
 
 def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loopback(tmp_path):
     cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--loopback", "--world-sizes", "2"]
-    cmd += ["--sizes", "2e5", "--densities", "0.01,0.1", "--collectives", "allgather,oktopk,auto"]
+    cmd += ["--sizes", "2e5", "--densities", "0.01,0.1", "--collectives", "allgather,oktopk,shared_topk,auto"]
     cmd += ["--baselines", "ddp,bf16,fp16", "--warmup", "1", "--iters", "2", "--out", str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -40,7 +40,7 @@ def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loo
 
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["label"] for r in rows} >= {"ddp", "bf16", "fp16"}
-    assert len(rows) == 3 + 2 * 3
+    assert len(rows) == 3 + 2 * 4
     assert all(r["correct"] for r in rows), [(r["label"], r["check"]) for r in rows if not r["correct"]]
     assert all(r["median_s"] > 0 and r["bytes_per_rank"] > 0 for r in rows)
     sparse = [r for r in rows if r["method"] == "sparse"]
@@ -50,6 +50,32 @@ def test_loopback_run_checks_results_writes_every_output_and_listens_only_on_loo
     for name in ("results.csv", "results.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "time_vs_density.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_model_run_times_whole_training_steps(tmp_path):
+    cmd = [sys.executable, "-m", "gradsparse.bench", "run", "--loopback", "--world-sizes", "2"]
+    cmd += ["--model", "resnet,gpt2", "--densities", "0.01", "--compressors", "topk"]
+    cmd += ["--collectives", "allgather,shared_topk", "--baselines", "noop,ddp,powersgd1"]
+    cmd += ["--warmup", "1", "--iters", "1", "--out", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    run_env = dict(env, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {(r["model"], r["label"]) for r in rows} == {
+        (m, label)
+        for m in ("resnet", "gpt2")
+        for label in ("noop", "ddp", "powersgd1", "topk/allgather", "topk/shared_topk")
+    }
+    for model, params in (("resnet", 21_282_122), ("gpt2", 33_641_472)):
+        mine = {r["label"]: r for r in rows if r["model"] == model}
+        assert all(r["numel"] == params and r["samples_per_s"] > 0 for r in mine.values())
+        assert all(r["correct"] for r in mine.values()), [(r["label"], r["check"]) for r in mine.values()]
+        assert mine["ddp"]["bytes_per_rank"] == 2 * (2 - 1) * 4 * params // 2  # the ring formula
+        assert mine["noop"]["bytes_per_rank"] == 0 and mine["noop"]["x_floor"] == 1.0
+        for label in ("topk/allgather", "topk/shared_topk"):  # counted by the hook, 1% plus small tensors
+            assert 0 < mine[label]["bytes_per_rank"] < mine["ddp"]["bytes_per_rank"] / 20
+    assert "samples/s" in (tmp_path / "results.md").read_text()
 
 
 def _can_build_namespaces() -> bool:
