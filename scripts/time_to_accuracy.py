@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--compare", default="dense,topk:0.01")
+    parser.add_argument("--collective", default="allgather", help="the sparse runs' collective (e.g. shared_topk)")
     parser.add_argument("--out", default="docs/time_to_accuracy")
     args = parser.parse_args()
     out = Path(args.out)
@@ -47,6 +48,8 @@ def main() -> int:
                 args.compare,
                 "--epochs",
                 str(args.epochs),
+                "--collective",
+                args.collective,
                 "--out",
                 str(out),
             ]
