@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload, index_dtype_for
 
 from ._common import header_flags
@@ -100,16 +101,19 @@ class SharedTopkCollective(Collective):
         leader: int,
         failed: bool = False,
         device: Optional[torch.device] = None,
+        context: Optional[Dict[str, Any]] = None,
     ) -> SharedIndices:
         """Broadcast the leader's ascending ``indices`` (at most ``capacity``: the leader
         trims them first, or every rank raises) to every rank. Others
         pass ``indices=None`` and the ``device`` of their tensor. Every rank must call it
-        with the same ``capacity``."""
+        with the same ``capacity``. ``context`` (a dict the caller keeps per tensor) holds
+        the message buffer between rounds; the indices returned are a view of it."""
         if capacity < 0 or numel < 0:
             raise ValueError(f"share: capacity and numel must be >= 0, got {capacity} and {numel}")
         dtype = index_dtype_for(numel)
         device = indices.device if indices is not None else (device or torch.device("cpu"))
-        buf = torch.zeros(_HEADER + capacity, dtype=dtype, device=device)
+        like = torch.empty(0, device=device)
+        buf = reusable(context if context is not None else {}, "shared_indices", _HEADER + capacity, like, dtype)
         too_many = indices is not None and indices.numel() > capacity
         if backend.rank == leader:
             failed = failed or indices is None or too_many
@@ -142,14 +146,18 @@ class SharedTopkCollective(Collective):
         *,
         nonfinite: bool = False,
         failed: bool = False,
+        context: Optional[Dict[str, Any]] = None,
     ) -> torch.futures.Future[Reduced]:
         """Sum every rank's ``values`` at ``shared.indices`` (``shared.count`` of them, zeros
-        from a rank that failed). The result is NaN everywhere when any rank was non-finite."""
+        from a rank that failed). The result is NaN everywhere when any rank was non-finite.
+        ``context`` holds the sum's buffer between rounds; the result is a view of it."""
         count, world = shared.count, backend.size
         if not failed and values.numel() != count:
             raise ValueError(f"reduce_at: values has {values.numel()} entries, the shared indices {count}")
-        buf = torch.zeros(count + 2, dtype=values.dtype, device=values.device)
-        if not failed:
+        buf = reusable(context if context is not None else {}, "shared_values", count + 2, values)
+        if failed:
+            buf[:count] = 0
+        else:
             buf[:count] = values
         buf[count] = float(nonfinite)
         buf[count + 1] = float(failed or not shared.agreed)
@@ -203,6 +211,7 @@ class SharedTopkCollective(Collective):
         mine = payload.indices if backend.rank == leader else None
         device = payload.values.device
         shared = self.share(mine, headers.numel, headers.counts[leader], backend, leader=leader, device=device)
+        # no buffers kept in ``context`` here: the payload's rounds are short and rare
         values = torch.zeros(shared.count, dtype=payload.values.dtype, device=payload.values.device)
         kept = torch.zeros(payload.count, dtype=torch.bool, device=payload.values.device)
         if shared.count and payload.count:

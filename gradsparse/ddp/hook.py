@@ -182,7 +182,7 @@ def communicate(state: SparseHookState, step: BucketStep) -> List[torch.futures.
             mine = step.payload if step.leader == backend.rank else None
             step.payload, main = reduce_shared(
                 collective, backend, step.work, mine, leader=step.leader, capacity=capacity,
-                nonfinite=step.nonfinite, failed=failed,
+                nonfinite=step.nonfinite, failed=failed, context=step.plan.context,
             )  # fmt: skip
         else:
             main = collective.reduce(

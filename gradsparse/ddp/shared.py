@@ -3,10 +3,11 @@ selects, every rank sends its compensated values at the leader's indices."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from gradsparse.buffers import reusable
 from gradsparse.comm import Backend, Reduced, SharedTopkCollective
 from gradsparse.payload import SparsePayload
 
@@ -32,17 +33,21 @@ def reduce_shared(
     capacity: int,
     nonfinite: bool,
     failed: bool,
+    context: Dict[str, Any],
 ) -> Tuple[SparsePayload, torch.futures.Future[Reduced]]:
     """Share the leader's ``chosen`` indices (None on the other ranks), then start the sum
     of every rank's ``work`` at them. Returns what this rank sends (for error feedback:
-    everything else stays) and the future of the sum."""
+    everything else stays) and the future of the sum. ``context`` is the bucket's: it keeps
+    the message buffers from one step to the next (the results are views of them, read by
+    this step's commit before the bucket's next step starts)."""
     indices = trim(chosen, capacity) if chosen is not None and not failed else None
     shared = collective.share(
-        indices, work.numel(), capacity, backend, leader=leader, failed=failed, device=work.device
+        indices, work.numel(), capacity, backend, leader=leader, failed=failed, device=work.device, context=context
     )
+    values = reusable(context, "shared_sent", shared.count, work)
     if failed:
-        values = torch.zeros(shared.count, dtype=work.dtype, device=work.device)
+        values.zero_()
     else:
-        values = work.index_select(0, shared.indices.long())
-    future = collective.reduce_at(shared, values, backend, nonfinite=nonfinite, failed=failed)
+        torch.index_select(work, 0, shared.indices, out=values)
+    future = collective.reduce_at(shared, values, backend, nonfinite=nonfinite, failed=failed, context=context)
     return SparsePayload(shared.indices, values, work.numel()), future

@@ -106,13 +106,13 @@ def _backward(ddp, model, rank, step, branch, mode):
     ddp(_batch(model, rank, step), use_branch=use).float().pow(2).mean().backward()
 
 
-def _conservation(rank, world, mode):
+def _conservation(rank, world, mode, collective="allgather"):
     kwargs, prepare, branch = MODES[mode]
     model = _model(prepare)
     ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
     topk = gs.compressors.build("topk", density=0.05)
-    state = gs.SparseHookState(topk, named_parameters=model.named_parameters())
+    state = gs.SparseHookState(topk, collective=collective, named_parameters=model.named_parameters())
     rec = _Recorder(state, names)
     ddp.register_comm_hook(rec, recording_hook)
     applied = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in model.named_parameters()}
@@ -159,6 +159,13 @@ def _conservation(rank, world, mode):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_update_plus_residual_is_the_sum_of_local_gradients(mode):
     checked = run_distributed(_conservation, 2, mode)
+    assert all(c >= 3 for c in checked), checked
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_shared_topk_conserves_in_every_mode(mode):
+    """The same per-parameter check with one leader's indices per bucket (shared_topk)."""
+    checked = run_distributed(_conservation, 2, mode, "shared_topk")
     assert all(c >= 3 for c in checked), checked
 
 
