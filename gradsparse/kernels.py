@@ -1,7 +1,7 @@
 """Optional compiled CPU kernels (numba), with the same results as the torch fallbacks.
 
 - :func:`collect_abs_at_least` gathers the ascending indices of ``|x| >= t`` in one read
-  pass, where torch needs three (``abs`` into a buffer, a compare into a bool mask,
+  pass (a plain loop), where torch needs three (``abs`` into a buffer, a compare into a bool mask,
   ``nonzero``).
 - :func:`compensate_scan` is the hook's fused pass: it adds the error-feedback residual to
   the gradient in place and, in the same pass, checks that the result is finite, finds the
@@ -13,7 +13,7 @@
   instead of 7.4 for two lists of 250k over 25M entries. (A single sequential pass that
   merges the sorted lists and writes the zeros between them took 25 ms: measured, dropped.)
 
-The first two work in blocks of 32 entries: the block's test is a branch-free loop that the compiler
+The fused pass works in blocks of 32 entries: the block's test is a branch-free loop that the compiler
 vectorises, and only the few blocks with a hit are looked at entry by entry. They are used
 for contiguous float32 and float64 CPU tensors when numba is installed (``pip install
 'gradsparse[fast]'``) and ``GRADSPARSE_NO_NUMBA`` is not set; everything else, and CUDA,
@@ -31,7 +31,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["FusedScan", "available", "collect_abs_at_least", "compensate_scan", "scatter_sum", "supports"]
+__all__ = [
+    "FusedScan",
+    "available",
+    "collect_abs_at_least",
+    "compensate_scan",
+    "scatter_sum",
+    "supports",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +46,10 @@ _BLOCK = 32
 
 
 def _collect(x: Any, threshold: Any, out: Any) -> int:  # pragma: no cover - compiled
-    n, capacity, count = x.shape[0], out.shape[0], 0
-    whole = n - n % _BLOCK
-    for b in range(0, whole, _BLOCK):
-        hits = 0
-        for j in range(_BLOCK):
-            hits += abs(x[b + j]) >= threshold
-        if hits:  # branch-free: write every index, advance past the hits
-            for j in range(_BLOCK):
-                out[count if count < capacity else capacity - 1] = b + j
-                count += abs(x[b + j]) >= threshold
-    for i in range(whole, n):
+    # A plain loop: at candidate rates around 1% the predictable branch costs less than the
+    # blocks of 32 the fused pass uses (7.7 against 11.9 ms over 25M floats, measured).
+    capacity, count = out.shape[0], 0
+    for i in range(x.shape[0]):
         if abs(x[i]) >= threshold:
             if count < capacity:
                 out[count] = i
