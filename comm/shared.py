@@ -34,10 +34,9 @@ import torch
 from gradsparse.buffers import reusable
 from gradsparse.payload import SparsePayload, index_dtype_for
 
-from ._common import header_flags
-from .backend import Backend, completed_future
+from .backend import Backend
 from .collectives import Collective, Reduced, allreduce_ordered, registry
-from .wire import FLAG_ERROR, Headers, Message, PayloadError, PeerError, exchange_headers
+from .wire import FLAG_ERROR, Headers, Message, PayloadError, PeerError
 
 __all__ = ["SharedIndices", "SharedTopkCollective"]
 
@@ -181,30 +180,12 @@ class SharedTopkCollective(Collective):
 
         return fut.then(_result)
 
-    def reduce(
-        self,
-        payload: SparsePayload,
-        backend: Backend,
-        *,
-        context: Optional[Dict[str, Any]] = None,
-        nonfinite: bool = False,
-        failed: bool = False,
-    ) -> torch.futures.Future[Reduced]:
-        """On payloads: validate the headers, then sum every rank's values at this round's
-        leader's indices. ``Reduced.kept`` marks this rank's entries that were sent."""
-        context = context if context is not None else {}
-        headers = self.exchange(payload, backend, context, flags=header_flags(nonfinite, failed))
-        if headers.nonfinite:
-            return completed_future(Reduced(headers.numel, nonfinite=True, counts=tuple(headers.counts)))
-        return self.combine(payload, backend, headers, context)
-
-    def exchange(self, payload: SparsePayload, backend: Backend, context: Dict[str, Any], *, flags: int) -> Headers:
-        del context
-        return exchange_headers(backend, payload, flags)
-
     def combine(
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
+        """On payloads (after the header exchange validated them): every rank's values at
+        this round's leader's indices. ``Reduced.kept`` marks this rank's entries that were
+        sent; ``context`` counts the rounds of this tensor."""
         round_ = int(context.get("round", 0))
         context["round"] = round_ + 1
         leader = self.leader(round_, backend.size)

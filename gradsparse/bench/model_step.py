@@ -16,7 +16,7 @@ from gradsparse.comm import ring_allreduce_bytes
 from .configs import HALF, Config
 from .models import MODELS
 
-__all__ = ["bench_model", "busiest", "formula_bytes"]
+__all__ = ["bench_model", "busiest", "formula_bytes", "hook_traffic"]
 
 
 def formula_bytes(cfg: Config, model: nn.Module, world: int) -> int:
@@ -38,6 +38,12 @@ def formula_bytes(cfg: Config, model: nn.Module, world: int) -> int:
         return total
     numel = sum(p.numel() for p in params)
     return ring_allreduce_bytes(numel, 2 if cfg.method in HALF else 4, world)
+
+
+def hook_traffic(before: Dict[str, float], after: Dict[str, float]) -> Tuple[float, float]:
+    """Bytes the hook sent (payload and headers) and received between two ``stats()``."""
+    sent = after["bytes_sent"] - before["bytes_sent"] + after["control_bytes"] - before["control_bytes"]
+    return sent, after["bytes_received"] - before["bytes_received"]
 
 
 def busiest(sent: List[float], received: List[float], formula: float) -> Tuple[float, float]:
@@ -100,9 +106,9 @@ def _steps(spec: Any, ddp: Any, state: Any, warmup: int, iters: int, interface: 
         if tx is not None and tx_after is not None:
             wire.append(tx_after - tx)
         if state is not None and before is not None:
-            after = state.stats()
-            sent.append(after["bytes_sent"] - before["bytes_sent"] + after["control_bytes"] - before["control_bytes"])
-            received.append(after["bytes_received"] - before["bytes_received"])
+            out, back = hook_traffic(before, state.stats())
+            sent.append(out)
+            received.append(back)
     return times, sent, received, wire, losses
 
 

@@ -19,7 +19,7 @@ from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.timing import median_seconds
 
 from .configs import HALF, Config
-from .model_step import bench_model, busiest
+from .model_step import bench_model, busiest, hook_traffic
 
 __all__ = ["bench_one", "bf16_hook", "worker"]
 
@@ -197,8 +197,9 @@ def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: O
             after = state.stats()
             for key in split:
                 split[key] += (after[key] - before[key]) / iters
-            sent.append(after["bytes_sent"] - before["bytes_sent"] + after["control_bytes"] - before["control_bytes"])
-            received.append(after["bytes_received"] - before["bytes_received"])
+            out, back = hook_traffic(before, after)
+            sent.append(out)
+            received.append(back)
     return {"times": times, "split": split, "sent": sent, "received": received, "wire": wire}
 
 
