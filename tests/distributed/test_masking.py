@@ -32,6 +32,7 @@ def _masks_consistent(rank, world):
         ("rigl", "topk", {"density": 0.05}),
         ("set", "sampled_topk", {"density": 0.05}),
         ("magnitude", "none", {}),
+        ("rigl", "topk", {"density": 0.05, "collective": "shared_topk"}),  # the leader selects among active weights
     ):
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -56,7 +57,12 @@ def _masks_consistent(rank, world):
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         copies = gather_all(flat)
         assert all(torch.equal(copies[0], c) for c in copies), f"{criterion}: replicas differ"
-        results[criterion] = (masker.global_sparsity(), sum(losses[:5]) / 5, sum(losses[-5:]) / 5, state.stats())
+        results[f"{criterion}/{params.get('collective', 'allgather')}"] = (
+            masker.global_sparsity(),
+            sum(losses[:5]) / 5,
+            sum(losses[-5:]) / 5,
+            state.stats(),
+        )
     return results
 
 
