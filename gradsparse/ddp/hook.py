@@ -247,10 +247,20 @@ def write(state: SparseHookState, step: BucketStep, result: torch.Tensor, small:
         step.plan.write_small(step.buffer, small, state.backend.size)
 
 
-def finish(state: SparseHookState, step: BucketStep, futures: List[torch.futures.Future[Any]]) -> torch.Tensor:
-    """The continuation: commit and write once every sum has arrived."""
+def finish(
+    state: SparseHookState,
+    step: BucketStep,
+    futures: List[torch.futures.Future[Any]],
+    collected: Optional[torch.futures.Future[Any]] = None,
+) -> torch.Tensor:
+    """The continuation: commit and write once every sum has arrived. ``collected`` is
+    ``collect_all(futures)``, which completes early, with the error, when one of them fails
+    (a timeout, a lost peer): its error is raised first, before any future that may still be
+    pending is read."""
     try:
-        values = [fut.value() for fut in futures]  # re-raises a failed collective (timeout, lost peer)
+        if collected is not None:
+            collected.value()
+        values = [fut.value() for fut in futures]  # re-raises a failed collective
     except Exception:  # a PeerError, wrapped by torch when raised in a callback
         if step.failure is not None:  # this rank is the one that failed: raise its own error
             raise step.failure from None
@@ -290,7 +300,7 @@ def reduce_gradients(
     futures = communicate(state, step)
     dense_bytes = ring_allreduce_bytes(buffer.numel(), buffer.element_size(), backend.size)
     state.counters.add_traffic(before, backend.stats.as_dict(), dense_bytes)
-    return torch.futures.collect_all(futures).then(lambda _: finish(state, step, futures))
+    return torch.futures.collect_all(futures).then(lambda done: finish(state, step, futures, done))
 
 
 def _compiled_step(state: SparseHookState, grad: Any, param: Any) -> torch.futures.Future[torch.Tensor]:
