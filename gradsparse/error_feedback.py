@@ -105,9 +105,9 @@ class ErrorFeedback:
     ) -> torch.Tensor:
         """What :meth:`compensate` would make of ``grad`` at ``positions``, without
         compensating (without momentum: the gradient plus the residual there)."""
-        values = torch.index_select(grad, 0, positions)
         if self.momentum:
             raise ValueError("compensated_at() is for error feedback without momentum")
+        values = torch.index_select(grad, 0, positions)
         if not self.is_zero(layout):
             self._rescale(layout, grad, scale)
             values.add_(torch.index_select(self.residuals.flat(layout, grad), 0, positions))

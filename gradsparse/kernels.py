@@ -215,7 +215,7 @@ def compensate_scan(
 def scatter_sum(out: torch.Tensor, lists: Sequence[Tuple[torch.Tensor, torch.Tensor]], scale: float) -> bool:
     """Write ``scale`` times the sum of the sparse ``(indices, values)`` lists into ``out``
     (zeros elsewhere), adding list by list, as ``out.zero_()`` and ``index_add_`` per list
-    would; values of ``out``'s dtype, indices int32 or int64, all on the CPU. False when the
+    would; indices int32 or int64, values of ``out``'s dtype, all on the CPU. False when the
     kernel does not apply: nothing was written."""
     kernels = _compiled()
     if kernels is None or not supports(out):
@@ -225,8 +225,10 @@ def scatter_sum(out: torch.Tensor, lists: Sequence[Tuple[torch.Tensor, torch.Ten
             return False
         if v.device.type != "cpu" or not (i.is_contiguous() and v.is_contiguous()) or i.numel() != v.numel():
             return False
-        if i.numel() and not (int(i.min()) >= 0 and int(i.max()) < out.numel()):
-            raise IndexError(f"scatter_sum: indices outside [0, {out.numel()})")  # the loop does not check
+        if i.numel():
+            low, high = torch.aminmax(i)  # one read
+            if int(low) < 0 or int(high) >= out.numel():
+                raise IndexError(f"scatter_sum: indices outside [0, {out.numel()})")  # the loop does not check
     arr = out.numpy()
     out.zero_()
     factor = arr.dtype.type(scale)

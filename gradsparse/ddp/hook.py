@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from gradsparse.comm import PeerError, Reduced, SharedTopkCollective, ring_allreduce_bytes
-from gradsparse.compressors import k_for_density
 from gradsparse.payload import SparsePayload
 
 from .plan import BucketPlan
@@ -177,11 +176,10 @@ def communicate(state: SparseHookState, step: BucketStep) -> List[torch.futures.
         if step.decision.dense:
             main: torch.futures.Future[Any] = collective.reduce_dense(step.work, backend, failed=failed)
         elif step.leader is not None:
-            assert isinstance(collective, SharedTopkCollective)
-            capacity = k_for_density(getattr(step.decision.compressor, "density"), step.work.numel())  # noqa: B009
+            assert isinstance(collective, SharedTopkCollective) and step.decision.budget is not None
             mine = step.payload if step.leader == backend.rank else None
             step.payload, main = reduce_shared(
-                collective, backend, step.work, mine, leader=step.leader, capacity=capacity,
+                collective, backend, step.work, mine, leader=step.leader, capacity=step.decision.budget,
                 nonfinite=step.nonfinite, failed=failed, context=step.plan.context,
             )  # fmt: skip
         else:
@@ -251,15 +249,14 @@ def finish(
     state: SparseHookState,
     step: BucketStep,
     futures: List[torch.futures.Future[Any]],
-    collected: Optional[torch.futures.Future[Any]] = None,
+    collected: torch.futures.Future[Any],
 ) -> torch.Tensor:
     """The continuation: commit and write once every sum has arrived. ``collected`` is
     ``collect_all(futures)``, which completes early, with the error, when one of them fails
     (a timeout, a lost peer): its error is raised first, before any future that may still be
     pending is read."""
     try:
-        if collected is not None:
-            collected.value()
+        collected.value()
         values = [fut.value() for fut in futures]  # re-raises a failed collective
     except Exception:  # a PeerError, wrapped by torch when raised in a callback
         if step.failure is not None:  # this rank is the one that failed: raise its own error

@@ -37,6 +37,9 @@ class Decision:
     masked: bool  # select (or send) among the active coordinates of the weight masks
     work_numel: int  # entries selected over: the region, or its active coordinates
     reason: str
+    #: k = density x work_numel for a compressor with a density budget at this step's
+    #: (ramped) density, else None: what ``shared_topk``'s leader may send
+    budget: Optional[int] = None
 
 
 class Policy:
@@ -77,17 +80,15 @@ class Policy:
         work = numel if active is None else active.numel()
         if masked and isinstance(compressor, NoCompression):
             return Decision(work > 0, compressor, True, work, "active values")
-        if work and self._link_prefers_dense(compressor, plan.key, work, like.element_size(), backend):
-            return Decision(True, compressor, masked, work, "cost model")
-        return Decision(False, compressor, masked, work, "sparse")
+        budget = k_for_density(getattr(compressor, "density"), work) if compressor.density_based else None  # noqa: B009
+        if work and self._link_prefers_dense(compressor, plan.key, work, budget, like.element_size(), backend):
+            return Decision(True, compressor, masked, work, "cost model", budget)
+        return Decision(False, compressor, masked, work, "sparse", budget)
 
     def _link_prefers_dense(
-        self, compressor: Compressor, key: str, numel: int, itemsize: int, backend: Backend
+        self, compressor: Compressor, key: str, numel: int, budget: Optional[int], itemsize: int, backend: Backend
     ) -> bool:
-        if compressor.density_based:
-            expected: Optional[float] = k_for_density(getattr(compressor, "density"), numel)  # noqa: B009
-        else:
-            expected = self._mean_counts.get(key)
+        expected = budget if budget is not None else self._mean_counts.get(key)
         if expected is None:
             return False
         route = SparseRoute(numel, int(expected), itemsize, compressor.selection_passes + HOOK_PASSES)
