@@ -37,9 +37,10 @@ def _spawned(rank, world, model, state):
     return names
 
 
-def test_a_state_built_in_the_parent_keys_residuals_by_name_in_spawned_workers():
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_a_state_built_in_the_parent_keys_residuals_by_name_in_spawned_workers(collective):
     model = make_model()
-    state = gs.SparseHookState("topk", named_parameters=model.named_parameters())
+    state = gs.SparseHookState("topk", collective=collective, named_parameters=model.named_parameters())
     names = run_distributed(_spawned, 2, model, state)  # spawn pickles both into the workers
     expected = sorted(n for n, p in model.named_parameters() if p.numel() >= 1024)
     assert names[0] == names[1] == expected
@@ -112,7 +113,10 @@ def _compiled(rank, world, compressor, params):
     return eager_like, sparse, names, state.step
 
 
-@pytest.mark.parametrize("compressor,params", [("none", {}), ("topk", {"density": 0.05})])
+@pytest.mark.parametrize(
+    "compressor,params",
+    [("none", {}), ("topk", {"density": 0.05}), ("topk", {"density": 0.05, "collective": "shared_topk"})],
+)
 def test_compiled_ddp_calls_the_hook_per_parameter(compressor, params):
     (eager_like, sparse, names, steps), _ = run_distributed(_compiled, 2, compressor, params)
     if compressor == "none":  # every entry sent: DDP's own average

@@ -1,5 +1,6 @@
 """accelerate on 2 CPU ranks (under torchrun): the hook on the prepared model, with
-gradient accumulation through accelerator.accumulate. Rank 0 writes argv[1]."""
+gradient accumulation through accelerator.accumulate. Rank 0 writes argv[1]; argv[2], if
+given, is the collective."""
 
 import json
 import sys
@@ -25,7 +26,8 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(data, batch_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model, opt, loader = accelerator.prepare(model, opt, loader)
-    state = gs.register_sparse_hook(model, "topk", density=0.05, min_compress_numel=0)  # the one line
+    collective = sys.argv[2] if len(sys.argv) > 2 else "allgather"
+    state = gs.register_sparse_hook(model, "topk", density=0.05, min_compress_numel=0, collective=collective)
     batches = 0
     for inputs, labels in loader:
         with accelerator.accumulate(model):

@@ -19,6 +19,7 @@ import gradsparse as gs
 from tests.integrations.shutdown import drain, shut_down
 
 PACKAGE, STRATEGY, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+COLLECTIVE = sys.argv[4] if len(sys.argv) > 4 else "allgather"
 pl = importlib.import_module("lightning.pytorch" if PACKAGE == "lightning" else "pytorch_lightning")
 integration = importlib.import_module(f"gradsparse.integrations.{PACKAGE}")
 
@@ -63,10 +64,12 @@ def main() -> None:
     data = torch.utils.data.TensorDataset(x, (x[:, :5] * 3).argmax(1))
     model = Tiny()
     if STRATEGY == "ddp_spawn":  # built in the parent, pickled into the workers
-        state = gs.SparseHookState("topk", named_parameters=model.named_parameters(), min_compress_numel=0)
+        state = gs.SparseHookState(
+            "topk", named_parameters=model.named_parameters(), min_compress_numel=0, collective=COLLECTIVE
+        )
         sparse = integration.SparseGradients(state=state)
     else:
-        sparse = integration.SparseGradients("topk", density=0.05, min_compress_numel=0)
+        sparse = integration.SparseGradients("topk", density=0.05, min_compress_numel=0, collective=COLLECTIVE)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

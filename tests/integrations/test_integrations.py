@@ -35,11 +35,19 @@ def _torchrun(script, *args):
 PARAMETERS = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"]
 
 
-@pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_lightning_callback_registers_the_hook_on_cpu_and_logs_its_stats(package, strategy, tmp_path):
+@pytest.mark.parametrize(
+    "package,strategy,collective",
+    [
+        ("lightning", "ddp", "allgather"),
+        ("lightning", "ddp_spawn", "allgather"),
+        ("pytorch_lightning", "ddp", "allgather"),
+        ("pytorch_lightning", "ddp_spawn", "allgather"),
+        ("lightning", "ddp_spawn", "shared_topk"),  # the state pickled into the workers
+    ],
+)
+def test_lightning_callback_registers_the_hook_on_cpu_and_logs_its_stats(package, strategy, collective, tmp_path):
     pytest.importorskip(package, reason=f"{package} is not installed: pip install 'gradsparse[lightning]'")
-    _run([sys.executable, str(HERE / "lightning_script.py"), package, strategy, str(tmp_path)])
+    _run([sys.executable, str(HERE / "lightning_script.py"), package, strategy, str(tmp_path), collective])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world"] == 2 and result["steps"] == 8
     assert 0 < result["bytes_sent"] < result["dense_bytes"] / 5
@@ -50,10 +58,11 @@ def test_lightning_callback_registers_the_hook_on_cpu_and_logs_its_stats(package
     assert len(logged) >= 3 and logged == sorted(logged) and logged[-1] > 0  # cumulative, every 2 steps
 
 
-def test_transformers_trainer_in_one_line_with_find_unused_parameters(tmp_path):
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_transformers_trainer_in_one_line_with_find_unused_parameters(collective, tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed: pip install 'gradsparse[transformers]'")
     out = tmp_path / "result.json"
-    _run(_torchrun(HERE / "transformers_script.py", str(out), str(tmp_path / "trainer")))
+    _run(_torchrun(HERE / "transformers_script.py", str(out), str(tmp_path / "trainer"), collective))
     result = json.loads(out.read_text())
     assert result["steps"] == 8 and 0 < result["bytes_sent"] < result["dense_bytes"] / 5
     assert result["history"] >= 3 and result["seen"] >= 3  # in the Trainer's logs and what report_to sees
@@ -61,10 +70,11 @@ def test_transformers_trainer_in_one_line_with_find_unused_parameters(tmp_path):
     assert result["idle_residual"] == 0.0  # the parameter no forward uses never gets a residual
 
 
-def test_accelerate_prepared_model_with_gradient_accumulation(tmp_path):
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_accelerate_prepared_model_with_gradient_accumulation(collective, tmp_path):
     pytest.importorskip("accelerate", reason="accelerate is not installed: pip install 'gradsparse[accelerate]'")
     out = tmp_path / "result.json"
-    _run(_torchrun(HERE / "accelerate_script.py", str(out)))
+    _run(_torchrun(HERE / "accelerate_script.py", str(out), collective))
     result = json.loads(out.read_text())
     assert result["distributed"].endswith("MULTI_CPU")
     assert result["batches"] == 16

@@ -1,5 +1,6 @@
 """A Hugging Face Trainer run on 2 CPU ranks (under torchrun) with one line of gradsparse,
-ddp_find_unused_parameters on and a parameter no forward uses. Rank 0 writes argv[1]."""
+ddp_find_unused_parameters on and a parameter no forward uses. Rank 0 writes argv[1]; argv[3],
+if given, is the collective."""
 
 import json
 import sys
@@ -57,7 +58,8 @@ def main() -> None:
     logs = Logs()
     model = Tiny()
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[logs])
-    sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0)
+    collective = sys.argv[3] if len(sys.argv) > 3 else "allgather"
+    sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0, collective=collective)
     trainer.train()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
