@@ -32,7 +32,7 @@ from .collectives import (
     build,
     registry,
 )
-from .cost import LinkModel, SparseRoute, measure_link, predict
+from .cost import LinkModel, SparseCost, measure_link, predict
 from .oktopk import OkTopkCollective
 from .shared import SharedIndices, SharedTopkCollective
 from .sparcml import RecursiveDoublingCollective, SplitAllgatherCollective
@@ -57,7 +57,7 @@ __all__ = [
     "Reduced",
     "SharedIndices",
     "SharedTopkCollective",
-    "SparseRoute",
+    "SparseCost",
     "SplitAllgatherCollective",
     "TorchDistBackend",
     "allreduce_ordered",

@@ -2,7 +2,7 @@
 :mod:`gradsparse.comm.cost`.
 
 Before anything is selected, the caller asks :meth:`AutoCollective.prefers_dense` with a
-typed :class:`~gradsparse.comm.cost.SparseRoute` (what the sparse route costs it): when a
+typed :class:`~gradsparse.comm.cost.SparseCost` (what the sparse route costs it): when a
 dense allreduce of the whole tensor is predicted to be no slower than that plus the
 cheapest sparse collective (fast links, high density, many ranks), the tensor goes dense.
 Otherwise, once the headers tell every rank's actual count, the cheapest exact algorithm
@@ -21,7 +21,7 @@ from gradsparse.payload import SparsePayload
 from ._common import bounds, range_counts
 from .backend import Backend
 from .collectives import Collective, Reduced, registry
-from .cost import PREDICTABLE, LinkModel, SparseRoute, measure_link, predict
+from .cost import PREDICTABLE, LinkModel, SparseCost, measure_link, predict
 from .wire import Headers, choose_encoding, exchange_headers
 
 __all__ = ["AutoCollective"]
@@ -67,15 +67,15 @@ class AutoCollective(Collective):
             self.model = measure_link(backend)
         return self.model
 
-    def prefers_dense(self, backend: Backend, route: SparseRoute) -> bool:
+    def prefers_dense(self, backend: Backend, cost: SparseCost) -> bool:
         """Dense when a dense allreduce is predicted no slower than the caller's local work
-        on the sparse route (``route.local_passes``, each a read and a write of the tensor)
+        on the sparse route (``cost.local_passes``, each a read and a write of the tensor)
         plus the cheapest sparse collective."""
         model = self.link(backend)
-        counts = [route.expected_count] * backend.size
-        numel, itemsize = route.numel, route.itemsize
+        counts = [cost.expected_count] * backend.size
+        numel, itemsize = cost.numel, cost.itemsize
         dense = predict(model, "dense", counts, numel, itemsize)
-        local = model.memory(2 * route.local_passes * numel * itemsize)
+        local = model.memory(2 * cost.local_passes * numel * itemsize)
         sparse = min(predict(model, n, counts, numel, itemsize) for n in self.candidates if n != "dense")
         return dense <= local + sparse
 

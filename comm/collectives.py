@@ -29,7 +29,7 @@ from gradsparse.registry import Registry
 
 from ._common import bounds, decode_all, header_flags
 from .backend import Backend, completed_future
-from .cost import SparseRoute
+from .cost import SparseCost
 from .wire import (
     Headers,
     Message,
@@ -153,10 +153,10 @@ class Collective(ABC):
         native = None if rank_order else backend.allreduce_native(tensor)
         return native if native is not None else allreduce_ordered(tensor, backend)
 
-    def prefers_dense(self, backend: Backend, route: SparseRoute) -> bool:
-        """Whether sending the whole tensor dense beats ``route``. Only ``auto`` ever says
+    def prefers_dense(self, backend: Backend, cost: SparseCost) -> bool:
+        """Whether sending the whole tensor dense beats the sparse ``cost``. Only ``auto`` ever says
         yes. Every rank must call it together, with the same arguments."""
-        del backend, route
+        del backend, cost
         return False
 
     def __repr__(self) -> str:

@@ -21,11 +21,11 @@ from gradsparse.timing import median_seconds
 from .backend import Backend, ring_allreduce_bytes
 from .wire import choose_encoding, encoded_bytes
 
-__all__ = ["PREDICTABLE", "LinkModel", "SparseRoute", "measure_link", "predict"]
+__all__ = ["PREDICTABLE", "LinkModel", "SparseCost", "measure_link", "predict"]
 
 
 @dataclass(frozen=True)
-class SparseRoute:
+class SparseCost:
     """What the sparse route of one tensor would cost its caller, for
     :meth:`Collective.prefers_dense`: the tensor's ``numel`` and ``itemsize``, the count
     every rank expects to send, and ``local_passes``, the read+write passes over the

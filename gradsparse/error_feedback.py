@@ -9,16 +9,30 @@ a single add; when DDP regroups parameters the buffer is rebuilt by copying.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 
 from gradsparse import kernels
 from gradsparse.checks import check_probability
-from gradsparse.payload import SparsePayload
+from gradsparse.payload import Candidates, SparsePayload
 from gradsparse.store import Layout, ParamStore
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "ScanResult"]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What :meth:`ErrorFeedback.compensate_scan` made of a gradient in its one pass."""
+
+    finite: bool
+    idle: Tuple[str, ...]  # parameters whose gradient was all zeros: their state is kept
+    candidates: Optional[Candidates]  # every entry at or above the floor it was given
+    compensated: torch.Tensor
+    #: ``compensated`` lies in the spare residual buffer: :meth:`ErrorFeedback.update`
+    #: makes it the residual by swapping (pass ``swap=True``)
+    in_spare: bool
 
 
 class ErrorFeedback:
@@ -120,16 +134,16 @@ class ErrorFeedback:
         scale: float = 1.0,
         floor: Optional[float] = None,
         scratch: Optional[Dict[str, torch.Tensor]] = None,
-    ) -> Optional[Tuple[bool, Tuple[str, ...], Optional[torch.Tensor], torch.Tensor]]:
+    ) -> Optional[ScanResult]:
         """:meth:`compensate` fused with the scan of the gradient, in one compiled pass (see
-        :func:`gradsparse.kernels.compensate_scan`): ``(finite, idle, large, compensated)``.
+        :func:`gradsparse.kernels.compensate_scan`).
 
         ``grad`` is only read: the compensated tensor is written into a second residual
-        buffer, which :meth:`update` then makes the residual by swapping, so that keeping
+        buffer, which :meth:`update` (``swap=True``) makes the residual by swapping, so that keeping
         what was not sent costs no copy and a skipped step leaves the state exactly as it
         was. (With no residual yet, ``compensated`` is ``grad`` itself.) ``idle`` names the
         parameters whose gradient was all zeros: their entries come out zero and their
-        state is kept, as with ``keep`` in :meth:`compensate`. ``large`` holds the
+        state is kept, as with ``keep`` in :meth:`compensate`. ``candidates`` holds the
         ascending indices where the compensated magnitude reaches ``floor`` (None without a
         floor). None when the kernel does not apply (:meth:`can_fuse`): nothing was done."""
         if not self.can_fuse(grad):
@@ -150,7 +164,8 @@ class ErrorFeedback:
                 compensated[start:end] = 0  # nothing of theirs is sent
             if large is not None:
                 large = large[(large < start) | (large >= end)]
-        return found.finite, idle, large, compensated
+        candidates = None if large is None or floor is None else Candidates(floor, large)
+        return ScanResult(found.finite, idle, candidates, compensated, in_spare=into is not None)
 
     def _spare(self, layout: Layout, residual: torch.Tensor) -> torch.Tensor:
         """The second residual buffer of ``layout``. When DDP regroups parameters, the
@@ -186,11 +201,16 @@ class ErrorFeedback:
         scale: float = 1.0,
         new_velocity: Optional[torch.Tensor] = None,
         keep: Collection[str] = (),
+        swap: bool = False,
     ) -> None:
         """Keep what ``payload`` did not send. ``compensated`` must still hold the values
-        that :meth:`compensate` produced, and ``new_velocity`` what it returned."""
+        that :meth:`compensate` produced, and ``new_velocity`` what it returned; with
+        ``swap``, it is the spare buffer that :meth:`compensate_scan` wrote
+        (``ScanResult.in_spare``), which becomes the residual without a copy."""
         sent = payload.indices.long()
-        if not self.momentum and compensated is self._spares.get(layout):  # from compensate_scan
+        if swap:
+            if self.momentum or compensated is not self._spares.get(layout):
+                raise ValueError("update(swap=True) takes the spare buffer that compensate_scan() wrote")
             compensated.index_fill_(0, sent, 0)
             for start, end in _spans(layout, keep):
                 compensated[start:end] = self.residuals.flat(layout, compensated)[start:end]

@@ -7,10 +7,11 @@ those indices. It knows nothing about how it was selected or how it travels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["SparsePayload", "index_dtype_for"]
+__all__ = ["Candidates", "SparsePayload", "index_dtype_for"]
 
 INT32_LIMIT = 2**31
 
@@ -18,6 +19,15 @@ INT32_LIMIT = 2**31
 def index_dtype_for(numel: int) -> torch.dtype:
     """int32 indices while they fit, int64 beyond 2**31 - 1 entries."""
     return torch.int32 if numel < INT32_LIMIT else torch.int64
+
+
+class Candidates(NamedTuple):
+    """Every entry of a tensor at or above a magnitude ``floor``: their ascending
+    ``indices``, gathered by a caller that passed over the tensor anyway. A selection at a
+    threshold at or above the floor reads only these entries."""
+
+    floor: float
+    indices: torch.Tensor
 
 
 @dataclass(frozen=True)

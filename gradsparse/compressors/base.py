@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Dict, Optional, Tuple
 import torch
 
 from gradsparse.buffers import reusable
-from gradsparse.payload import SparsePayload, index_dtype_for
+from gradsparse.payload import Candidates, SparsePayload, index_dtype_for
 
 __all__ = ["Compressor", "CompressorState", "k_for_density", "make_payload"]
 
@@ -32,11 +32,11 @@ class CompressorState:
     bucket rebuild. ``scalars`` are small numbers such as a reused threshold. ``scratch``
     holds preallocated work buffers that are never saved.
 
-    ``large`` is a hint a caller may set for one :meth:`Compressor.compress` call:
-    ``(floor, indices)`` where ``indices`` are the ascending positions of *every* entry of
-    the tensor with ``|x| >= floor`` (gathered while the caller passed over the tensor
-    anyway). Selection at a threshold at or above the floor then reads only those entries;
-    the result is the same as without the hint.
+    ``large`` is a hint a caller may pass for one :meth:`Compressor.compress` call (on a
+    copy of the state made for that call): :class:`~gradsparse.payload.Candidates`, the
+    ascending positions of *every* entry of the tensor with ``|x| >= floor``. Selection at
+    a threshold at or above the floor then reads only those entries; the result is the
+    same as without the hint.
     """
 
     key: str = ""
@@ -45,7 +45,7 @@ class CompressorState:
     buffers: Dict[str, torch.Tensor] = field(default_factory=dict)
     scalars: Dict[str, float] = field(default_factory=dict)
     scratch: Dict[str, torch.Tensor] = field(default_factory=dict)
-    large: Optional[Tuple[float, torch.Tensor]] = None
+    large: Optional[Candidates] = None
 
     def work(self, name: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """A reusable scratch buffer shaped like ``like`` (reallocated only on change)."""

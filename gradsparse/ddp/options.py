@@ -16,10 +16,11 @@ __all__ = ["SCOPES", "HookOptions"]
 SCOPES = ("bucket", "layer")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HookOptions:
     """Everything that configures the hook besides the objects it is handed (compressor,
-    collective, backend, masker, grad scaler). Validated at construction.
+    collective, backend, masker, grad scaler). Keyword arguments only; validated at
+    construction.
 
     Attributes:
         error_feedback: keep what is not sent and add it to the next gradient.

@@ -1,6 +1,7 @@
-"""The one place that decides, per bucket and step, how a bucket travels: the dense
-steps (``start_step``), the density ramp, the dense steps of RigL mask regrowth, values
-only under weight masks, and whether the collective's cost model prefers dense.
+"""The one place that decides, per bucket and step, how a bucket travels: which route
+(:mod:`gradsparse.ddp.routes`), at which density, over which coordinates. It applies the
+dense steps (``start_step``), the density ramp, the dense steps of RigL mask regrowth,
+values only under weight masks, and whether the collective's cost model prefers dense.
 
 Every input to a decision is the same on every rank (the step, the plan, the masks, the
 counts every rank announced last time), so every rank decides the same."""
@@ -13,12 +14,14 @@ from typing import Dict, Optional
 
 import torch
 
-from gradsparse.comm import Backend, Collective, SparseRoute
+from gradsparse.comm import Backend, Collective, SparseCost
 from gradsparse.compressors import Compressor, NoCompression, k_for_density
 from gradsparse.masking import WeightMasker
 
+from . import routes
 from .options import HookOptions
 from .plan import BucketPlan
+from .routes import Route
 
 __all__ = ["HOOK_PASSES", "Decision", "Policy"]
 
@@ -32,7 +35,7 @@ HOOK_PASSES = 12.0
 class Decision:
     """How one bucket travels this step."""
 
-    dense: bool
+    route: Route
     compressor: Compressor
     masked: bool  # select (or send) among the active coordinates of the weight masks
     work_numel: int  # entries selected over: the region, or its active coordinates
@@ -43,15 +46,27 @@ class Decision:
 
 
 class Policy:
-    """Decides each bucket's route; remembers the counts ranks sent, per bucket."""
+    """Decides each bucket's route; remembers the counts ranks sent, per bucket.
+
+    ``route`` names the route of the sparse steps (default: the one that serves the
+    collective, see :func:`gradsparse.ddp.routes.for_collective`); the dense steps take the
+    ``dense`` route."""
 
     def __init__(
-        self, compressor: Compressor, options: HookOptions, collective: Collective, masker: Optional[WeightMasker]
+        self,
+        compressor: Compressor,
+        options: HookOptions,
+        collective: Collective,
+        masker: Optional[WeightMasker],
+        route: Optional[str] = None,
     ) -> None:
         self.compressor = compressor
         self.options = options
         self.collective = collective
         self.masker = masker
+        self.dense: Route = routes.build("dense")
+        self.route: Route = routes.build(route if route is not None else routes.for_collective(collective))
+        self.route.check(compressor)
         self._ramped: Dict[float, Compressor] = {}
         self._mean_counts: Dict[str, float] = {}
 
@@ -70,20 +85,21 @@ class Policy:
     def decide(self, step: int, plan: BucketPlan, backend: Backend, like: torch.Tensor) -> Decision:
         compressor = self.compressor_at(step)
         numel = plan.numel
+        dense_if_any = self.dense if numel else self.route
         if step < self.options.start_step:
-            return Decision(numel > 0, compressor, False, numel, "dense steps")
+            return Decision(dense_if_any, compressor, False, numel, "dense steps")
         masker = self.masker
         if masker is not None and masker.needs_dense_gradients():
-            return Decision(numel > 0, compressor, False, numel, "mask regrowth")
+            return Decision(dense_if_any, compressor, False, numel, "mask regrowth")
         active = plan.masks.refresh(masker, plan.layout, like) if masker is not None else None
         masked = active is not None
         work = numel if active is None else active.numel()
         if masked and isinstance(compressor, NoCompression):
-            return Decision(work > 0, compressor, True, work, "active values")
+            return Decision(self.dense if work else self.route, compressor, True, work, "active values")
         budget = k_for_density(getattr(compressor, "density"), work) if compressor.density_based else None  # noqa: B009
         if work and self._link_prefers_dense(compressor, plan.key, work, budget, like.element_size(), backend):
-            return Decision(True, compressor, masked, work, "cost model", budget)
-        return Decision(False, compressor, masked, work, "sparse", budget)
+            return Decision(self.dense, compressor, masked, work, "cost model", budget)
+        return Decision(self.route, compressor, masked, work, self.route.name, budget)
 
     def _link_prefers_dense(
         self, compressor: Compressor, key: str, numel: int, budget: Optional[int], itemsize: int, backend: Backend
@@ -91,7 +107,7 @@ class Policy:
         expected = budget if budget is not None else self._mean_counts.get(key)
         if expected is None:
             return False
-        route = SparseRoute(numel, int(expected), itemsize, compressor.selection_passes + HOOK_PASSES)
+        route = SparseCost(numel, int(expected), itemsize, compressor.selection_passes + HOOK_PASSES)
         return self.collective.prefers_dense(backend, route)
 
     def learn(self, key: str, counts: tuple) -> None:

@@ -16,7 +16,7 @@ from .state import SparseHookState
 __all__ = ["register_sparse_hook"]
 
 #: keyword arguments of SparseHookState that are not HookOptions fields
-_STATE_ARGS = {"collective", "process_group", "backend", "named_parameters", "grad_scaler", "masker"}
+_STATE_ARGS = {"collective", "process_group", "backend", "named_parameters", "grad_scaler", "masker", "route"}
 
 
 def _check_ddp(ddp: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from gradsparse.compressors import Compressor, CompressorState
-from gradsparse.payload import SparsePayload, index_dtype_for
+from gradsparse.payload import Candidates, SparsePayload, index_dtype_for
 from gradsparse.store import Layout, ParamStore
 
 __all__ = ["CompressorStates"]
@@ -77,19 +77,17 @@ class CompressorStates:
         layout: Layout,
         work: torch.Tensor,
         step: int,
-        large: Optional[Tuple[float, torch.Tensor]] = None,
+        large: Optional[Candidates] = None,
     ) -> SparsePayload:
         """Select over ``work`` (laid out as ``layout``), per unit of the scope. ``large``:
-        ``(floor, every index with |work| >= floor)``, for a single unit only."""
+        the candidates of ``work`` at or above a floor, for a single unit only; the
+        compressor gets them on a copy of the unit's state made for this call (its scalars
+        and scratch are the state's own)."""
         pieces = list(self._pieces(key, layout, work))
         if len(pieces) == 1:
             unit, unit_layout, piece = pieces[0]
             state = self._state(unit, unit_layout, piece, step)
-            state.large = large
-            try:
-                return compressor.compress(piece, state)
-            finally:
-                state.large = None
+            return compressor.compress(piece, state if large is None else dataclasses.replace(state, large=large))
         indices, values = [], []
         offset = 0
         for unit, unit_layout, piece in pieces:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from gradsparse import compressors as _compressors
-from gradsparse.comm import Backend, Collective, SharedTopkCollective, TorchDistBackend
+from gradsparse.comm import Backend, Collective, TorchDistBackend
 from gradsparse.comm import build as build_collective
 from gradsparse.compressors import Compressor
 from gradsparse.error_feedback import ErrorFeedback
@@ -46,6 +46,8 @@ class SparseHookState:
             Without it, parameters are named in the order the hook first sees them.
         grad_scaler: a ``torch.amp.GradScaler``; residuals then follow loss-scale changes.
         masker: a :class:`~gradsparse.masking.WeightMasker`: masked coordinates are skipped.
+        route: the registered route of the sparse steps (see :mod:`gradsparse.ddp.routes`);
+            default: the one that serves ``collective``.
     """
 
     def __init__(
@@ -66,23 +68,19 @@ class SparseHookState:
         grad_scaler: Optional[Any] = None,
         masker: Optional[WeightMasker] = None,
         log_every: int = 0,
+        route: Optional[str] = None,
     ) -> None:
         # Configuration -------------------------------------------------------------------
         self.compressor: Compressor = _compressor(compressor)
         self.options = HookOptions(
-            error_feedback, momentum, min_compress_numel, start_step, density_warmup_steps,
-            warmup_initial_density, scope, log_every,
+            error_feedback=error_feedback, momentum=momentum, min_compress_numel=min_compress_numel,
+            start_step=start_step, density_warmup_steps=density_warmup_steps,
+            warmup_initial_density=warmup_initial_density, scope=scope, log_every=log_every,
         )  # fmt: skip
         if masker is not None and not isinstance(masker, WeightMasker):
             raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")
         self.options.check_against(self.compressor, masker)
         self.collective: Collective = collective if isinstance(collective, Collective) else build_collective(collective)
-        if isinstance(self.collective, SharedTopkCollective) and not self.compressor.density_based:
-            raise ValueError(
-                f"Expected argument `compressor` to have a density budget with collective 'shared_topk' "
-                f"(the leader sends density * numel indices), but got {self.compressor.name!r}; use one of "
-                f"{[n for n in _compressors.available() if _compressors.registry.get(n).density_based]}."
-            )
         self.masker = masker
         self.grad_scaler = grad_scaler
 
@@ -92,12 +90,11 @@ class SparseHookState:
 
         # State keyed by parameter name, and the policy's memory ----------------------------
         self.step = 0
-        self.rounds = 0  # buckets reduced by shared_topk: round r is led by rank r mod P
         self.feedback = ErrorFeedback(momentum)
         self.selection = CompressorStates(self.compressor, scope)
         self.names = ParamNames()
         self.planner = BucketPlanner(self.names, min_compress_numel)
-        self.policy = Policy(self.compressor, self.options, self.collective, masker)
+        self.policy = Policy(self.compressor, self.options, self.collective, masker, route)
         if named_parameters is not None:
             self.attach(named_parameters)
 

@@ -128,7 +128,7 @@ def _hook_conserves(rank, world, compressor, density):
         assert_close(out.double() * world + kept, sum(c.double() for c in compensated), rtol=1e-5, atol=1e-5)
         copies = gather_all(out)
         assert all(torch.equal(copies[0], c) for c in copies)
-    assert state.rounds == 2 * world + 1
+    assert state.policy.route.rounds == 2 * world + 1
     return state.stats()["bytes_sent"]
 
 

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from gradsparse.comm import AutoCollective, LinkModel, SparseRoute, predict
+from gradsparse.comm import AutoCollective, LinkModel, SparseCost, predict
 from gradsparse.launch import detect_launcher
 
 MEMORY = 8e9  # one read+write pass: about 5 ms for 25M floats, as measured here
@@ -22,19 +22,19 @@ def _auto(gbit, latency=50e-6):
 def test_dense_on_a_fast_link_sparse_on_a_slow_one():
     k = N // 100
     assert _auto(100).prefers_dense(
-        _Backend(4), SparseRoute(N, k, 4, local_passes=18)
+        _Backend(4), SparseCost(N, k, 4, local_passes=18)
     )  # 100 Gbit/s: selection costs more
-    assert not _auto(1).prefers_dense(_Backend(4), SparseRoute(N, k, 4, local_passes=18))  # 1 Gbit/s: 1% pays
+    assert not _auto(1).prefers_dense(_Backend(4), SparseCost(N, k, 4, local_passes=18))  # 1 Gbit/s: 1% pays
 
 
 def test_dense_at_high_density():
     # Near full density the bytes saved no longer pay for selection, even at 1 Gbit/s.
-    assert _auto(1).prefers_dense(_Backend(4), SparseRoute(N, N * 95 // 100, 4, local_passes=18))
+    assert _auto(1).prefers_dense(_Backend(4), SparseCost(N, N * 95 // 100, 4, local_passes=18))
     # At 30% on 10 Gbit/s, split-allgather's saving (bitmap encoding) is smaller than selection.
-    assert _auto(10).prefers_dense(_Backend(4), SparseRoute(N, N * 3 // 10, 4, local_passes=18))
+    assert _auto(10).prefers_dense(_Backend(4), SparseCost(N, N * 3 // 10, 4, local_passes=18))
     # At 50% on 1 Gbit/s a bitmap-encoded reduce-scatter sends fewer bytes than dense, but
     # decoding millions of entries costs more than the bytes save (as measured).
-    assert _auto(1).prefers_dense(_Backend(4), SparseRoute(N, N // 2, 4, local_passes=18))
+    assert _auto(1).prefers_dense(_Backend(4), SparseCost(N, N // 2, 4, local_passes=18))
 
 
 def test_choice_follows_the_formulas():

@@ -7,7 +7,7 @@ import gradsparse.compressors as C
 from gradsparse import kernels
 from gradsparse.compressors import CompressorState
 from gradsparse.error_feedback import ErrorFeedback
-from gradsparse.payload import SparsePayload
+from gradsparse.payload import Candidates, SparsePayload
 
 needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -77,17 +77,18 @@ def test_fused_compensation_equals_the_unfused_one_with_idle_parameters():
             grad[3000:3500] = 0  # "b" unused this step
         a, b = grad.clone(), grad.clone()
         found = fused.compensate_scan(layout, a, 1.0, 1.5, {})
-        assert found is not None
-        finite, idle, large, compensated = found
+        assert found is not None and found.candidates is not None
+        finite, idle, compensated = found.finite, found.idle, found.compensated
+        large = found.candidates.indices
         assert finite and idle == (("b",) if step == 2 else ())
         plain.compensate(layout, b, 1.0, keep=idle)
         assert torch.equal(compensated, b)
         assert step == 0 or torch.equal(a, grad)  # with a residual, the gradient is only read
-        assert large is not None and torch.equal(large, torch.nonzero(b.abs() >= 1.5).squeeze(1))
+        assert torch.equal(large, torch.nonzero(b.abs() >= 1.5).squeeze(1))
         if step == 3:  # skipped (a peer overflowed): nothing is committed
             continue
         sent = large[::3]
-        fused.update(layout, compensated, SparsePayload(sent, compensated[sent], 5500), keep=idle)
+        fused.update(layout, compensated, SparsePayload(sent, compensated[sent], 5500), keep=idle, swap=found.in_spare)
         plain.update(layout, b, SparsePayload(sent, b[sent], 5500), keep=idle)
         for name in ("a", "b", "c"):
             assert torch.equal(fused.residual(name), plain.residual(name)), (step, name)
@@ -105,13 +106,13 @@ def test_selection_from_the_candidate_hint_is_the_selection_without_it(name, kwa
         expected = compressor.compress(x, plain)
         floor = compressor.candidate_floor(hinted, x, x.__getitem__)
         assert floor is not None and 0 < floor <= float(expected.values.abs().min())
-        hinted.large = (floor, torch.nonzero(x.abs() >= floor).squeeze(1))
+        hinted.large = Candidates(floor, torch.nonzero(x.abs() >= floor).squeeze(1))
         assert hinted.large[1].numel() < 2 * expected.count  # a few more than selected, not many
         got = compressor.compress(x, hinted)
         hinted.large = None
         assert torch.equal(got.indices, expected.indices) and torch.equal(got.values, expected.values)
     # a floor that is too high is only slower: selection reads the tensor again
-    hinted.large = (100.0, torch.empty(0, dtype=torch.int64))
+    hinted.large = Candidates(100.0, torch.empty(0, dtype=torch.int64))
     got = compressor.compress(x, hinted)
     assert torch.equal(got.indices, compressor.compress(x, CompressorState(name)).indices)
 
@@ -132,10 +133,12 @@ def test_second_residual_buffers_follow_ddp_regrouping():
         for _ in range(2):
             grad = _grad(sum(n for _, n in layout), 7)
             found = ef.compensate_scan(layout, grad, 1.0, 1.0, {})
-            assert found is not None
-            finite, idle, large, compensated = found
-            assert finite and large is not None
-            ef.update(layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=idle)
+            assert found is not None and found.finite and found.candidates is not None
+            large, compensated = found.candidates.indices, found.compensated
+            ef.update(
+                layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=found.idle,
+                swap=found.in_spare,
+            )  # fmt: skip
     assert sorted(ef._spares) == [(("a", 3000),), (("b", 500),)]
 
 

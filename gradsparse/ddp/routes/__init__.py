@@ -1,0 +1,34 @@
+"""Routes: how a bucket travels, one object per route, each owning its stages.
+
+==================  ================================================================
+``base``            :class:`BucketStep` (the hand-off between stages), :class:`Route`,
+                    the registry and :func:`register_route`
+``dense``           ``dense``: the whole region by allreduce (dense steps, cost model)
+``sparse``          ``sparse``: every rank selects, the collective sums the payloads
+``shared_topk``     ``shared_topk``: one leader per round selects for every rank
+==================  ================================================================
+
+The policy (``gradsparse.ddp.policy``) picks the route of each bucket. A new route is one
+module: a :class:`Route` subclass decorated with ``@register_route("name")``, chosen with
+``SparseHookState(route="name")`` (or claimed for a collective by its ``serves``).
+"""
+
+from __future__ import annotations
+
+from .base import BucketStep, Route, available, build, for_collective, register_route, registry
+from .dense import DenseRoute
+from .shared_topk import SharedTopkRoute
+from .sparse import SparseRoute
+
+__all__ = [
+    "BucketStep",
+    "DenseRoute",
+    "Route",
+    "SharedTopkRoute",
+    "SparseRoute",
+    "available",
+    "build",
+    "for_collective",
+    "register_route",
+    "registry",
+]

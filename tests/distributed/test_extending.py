@@ -1,0 +1,102 @@
+"""The worked example of docs/extending.md, run as written: a route added through the public
+extension point (``register_route`` + ``SparseHookState(route=...)``) trains on real gloo
+ranks, against an independently computed reference. Workers return their tensors; every
+check is made here, in the parent."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+import gradsparse as gs
+from gradsparse.compressors import k_for_density
+from gradsparse.ddp import routes
+
+from .harness import flat_params, run_distributed
+from .test_ddp_hook import loss_of, make_model
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
+
+
+def _page_code() -> str:
+    """The page's first python block: the route's definition."""
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
+    assert blocks, f"no python code block in {PAGE}"
+    return blocks[0]
+
+
+# Run the page's example here, at import, so that every spawned rank registers the route too.
+EXAMPLE: Dict[str, Any] = {"__name__": "extending_example"}
+exec(compile(_page_code(), str(PAGE), "exec"), EXAMPLE)  # our own docs page
+
+DENSITY = 0.1
+
+
+def _train(rank: int, world: int, steps: int) -> Dict[str, Any]:
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gs.register_sparse_hook(
+        ddp, "topk", density=DENSITY, route="densified", scope="layer", min_compress_numel=1000
+    )  # per parameter (scope="layer"), so that the reference below is per parameter too
+    assert type(state.policy.route).__name__ == "DensifiedRoute"
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    first: Dict[str, Any] = {}
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        if step == 0:  # this rank's own gradient, computed apart from DDP
+            local = make_model()
+            local.load_state_dict(model.state_dict())
+            loss_of(local, rank, step).backward()
+            first["local"] = {n: p.grad.clone() for n, p in local.named_parameters()}
+        loss = loss_of(ddp, rank, step)
+        loss.backward()
+        if step == 0:
+            first["averaged"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            first["residual"] = {n: state.feedback.residual(n).clone() for n in state.feedback.names()}
+        opt.step()
+        losses.append(float(loss))
+    dist.barrier()
+    return {"params": flat_params(model), "losses": losses, **first, "selected": state.counters.selected}
+
+
+def test_the_page_registers_its_route_and_a_bad_name_lists_the_valid_ones():
+    assert "densified" in routes.available()
+    with pytest.raises(ValueError, match=r"unknown route 'nope'; expected one of \[.*'densified'"):
+        gs.SparseHookState("topk", route="nope")
+
+
+def test_a_route_added_by_the_extending_page_trains_on_real_ranks():
+    world, steps = 2, 40
+    results = run_distributed(_train, world, steps)
+    # Replicas are bit-identical after training.
+    for other in results[1:]:
+        assert torch.equal(other["params"], results[0]["params"])
+    # Step 0, against a reference computed here: each rank sent its top-k of its own
+    # gradient (no residual yet); the residual is the rest (conservation); the hook's
+    # output is the mean of what the ranks sent.
+    names = list(results[0]["residual"])
+    assert names, "the compressed parameters keep residuals"
+    for name in names:
+        sent = []
+        for r in results:
+            grad = r["local"][name].reshape(-1)
+            k = k_for_density(DENSITY, grad.numel())
+            top = torch.zeros_like(grad)
+            idx = torch.topk(grad.abs(), k).indices
+            top[idx] = grad[idx]
+            assert_close(r["residual"][name] + top, grad, rtol=0, atol=0)
+            sent.append(top)
+        expected = torch.stack(sent).sum(0) / world
+        for r in results:
+            assert_close(r["averaged"][name].reshape(-1), expected)
+    # It learns.
+    losses = results[0]["losses"]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
