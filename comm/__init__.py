@@ -75,11 +75,11 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # mpi4py and Horovod are optional: import their backends only when asked for.
     if name == "MPIBackend":
-        from .mpi import MPIBackend
+        from .mpi_backend import MPIBackend
 
         return MPIBackend
     if name == "HorovodBackend":
-        from .horovod import HorovodBackend
+        from .horovod_backend import HorovodBackend
 
         return HorovodBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 import gradsparse as gs
-from gradsparse.digits import build_model, load_digits_split
 from gradsparse.launch import init_distributed
+from gradsparse.train.digits import build_model, load_digits_split
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from gradsparse import comm, compressors
+from gradsparse import comm, compressors, optim
 from gradsparse.ddp import SparseHookState, register_sparse_hook, sparse_allreduce_hook
 from gradsparse.error_feedback import ErrorFeedback
 from gradsparse.payload import SparsePayload
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "comm",
     "compressors",
+    "optim",
     "register_sparse_hook",
     "reshard_states",
     "sparse_allreduce_hook",

@@ -11,6 +11,8 @@ scaled by M/N, so a rank's large pending entries stay together and are sent as s
 * the variance compressor's per-coordinate statistics: reset, with a logged warning;
 * scalars (a reused threshold) and statistics: from the old rank that covers most of the
   new rank's block; the step: shared;
+* the preconditioner's second moments (:class:`gradsparse.optim.SparseAdamW`), each rank's
+  own estimate of the gradient's scale: from the old rank that covers most of the block;
 * weight masks are the same on every rank and live outside the hook's state: they carry over.
 
     new_states = gradsparse.reshard_states([torch.load(f) for f in old_files], world_size=3)

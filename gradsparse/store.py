@@ -10,11 +10,11 @@ by copying.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Tuple
+from typing import Collection, Dict, Iterator, List, Tuple
 
 import torch
 
-__all__ = ["Layout", "ParamStore"]
+__all__ = ["Layout", "ParamStore", "spans"]
 
 #: the parameters selected together, in order: (name, numel) pairs
 Layout = Tuple[Tuple[str, int], ...]
@@ -89,3 +89,15 @@ class ParamStore:
         return float(
             torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in self.tensors.values()]))
         )
+
+
+def spans(layout: Layout, names: Collection[str]) -> List[Tuple[int, int]]:
+    """[start, end) of each named parameter in a flat tensor laid out as ``layout``."""
+    if not names:
+        return []
+    out, offset = [], 0
+    for name, n in layout:
+        if name in names:
+            out.append((offset, offset + n))
+        offset += n
+    return out

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gradsparse.cluster import Cluster
+from gradsparse.bench.cluster import Cluster
 
 
 def main() -> int:

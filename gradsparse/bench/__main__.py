@@ -2,6 +2,6 @@
 
 import sys
 
-from gradsparse.bench.cli import main
+from gradsparse.bench.bench_cli import main
 
 sys.exit(main())

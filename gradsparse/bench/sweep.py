@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from gradsparse.cluster import Cluster, parse_rate
+from gradsparse.bench.cluster import Cluster, parse_rate
 
 from .configs import Config
 

@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch.Tensor]) -> BucketStep:
-    """Plan the bucket, let the policy choose its route, gather the compressed region.
-    Nothing here may fail on one rank only."""
+    """Plan the bucket, precondition it (when an adaptive optimizer asked for it), let the
+    policy choose its route, gather the compressed region. Nothing here may fail on one
+    rank only."""
     plan = state.planner.plan(params)
+    if state.preconditioner is not None:
+        state.preconditioner.apply(plan.segments, buffer)
     decision = state.policy.decide(state.step, plan, state.backend, buffer)
     region = plan.gather(buffer)
     step = BucketStep(

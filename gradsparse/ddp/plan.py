@@ -11,7 +11,7 @@ import torch
 
 from gradsparse.buffers import reusable
 from gradsparse.checks import check_named_parameters
-from gradsparse.masking import WeightMasker
+from gradsparse.masking import WeightMasker, flat_mask
 from gradsparse.store import Layout
 
 __all__ = ["NAME_TAG", "BucketPlan", "BucketPlanner", "MaskCache", "ParamNames"]
@@ -104,7 +104,7 @@ class MaskCache:
 
     def refresh(self, masker: WeightMasker, layout: Layout, like: torch.Tensor) -> Optional[torch.Tensor]:
         if self.version != masker.version:
-            mask = masker.flat_mask([n for n, _ in layout], [k for _, k in layout], like.device)
+            mask = flat_mask(masker, [n for n, _ in layout], [k for _, k in layout], like.device)
             self.flat = mask.to(like.dtype)
             self.active = None if bool(mask.all()) else torch.nonzero(mask).squeeze(1)
             counts = [int(masker.masks[n].sum()) if n in masker.masks else k for n, k in layout]
@@ -122,6 +122,9 @@ class BucketPlan:
     region_start: Optional[int]  # set when they lie contiguous in canonical order
     small: List[Tuple[int, int]]  # (offset, numel) of parameters sent dense
     key: str
+    #: (name, offset, numel) of every parameter of the bucket, the small ones included;
+    #: filled only when the planner names them all (gradient preconditioning)
+    segments: Tuple[Tuple[str, int, int], ...] = ()
     masks: MaskCache = field(default_factory=MaskCache)
     context: Dict[str, Any] = field(default_factory=dict)  # the collective's, never read here
     scratch: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -189,9 +192,13 @@ class BucketPlan:
 class BucketPlanner:
     """One :class:`BucketPlan` per set of parameters, built on first sight."""
 
-    def __init__(self, names: ParamNames, min_compress_numel: int) -> None:
+    name_all: bool = False  # the default of planners pickled before the attribute existed
+
+    def __init__(self, names: ParamNames, min_compress_numel: int, name_all: bool = False) -> None:
         self.names = names
         self.min_compress_numel = min_compress_numel
+        #: also name the small parameters, into ``BucketPlan.segments``
+        self.name_all = name_all
         self.plans: Dict[Tuple[int, ...], BucketPlan] = {}
 
     def plan(self, params: Sequence[torch.Tensor]) -> BucketPlan:
@@ -202,7 +209,7 @@ class BucketPlanner:
         return plan
 
     def _build(self, params: Sequence[torch.Tensor]) -> BucketPlan:
-        entries, small = [], []
+        entries, small, segments = [], [], []
         offset = 0
         for p in params:
             n = p.numel()
@@ -210,6 +217,8 @@ class BucketPlanner:
                 entries.append((self.names.name_of(p), n, offset))
             else:
                 small.append((offset, n))
+            if self.name_all:
+                segments.append((entries[-1][0] if n >= self.min_compress_numel else self.names.name_of(p), offset, n))
             offset += n
         entries.sort(key=lambda e: self.names.order[e[0]])
         offsets = [e[2] for e in entries]
@@ -220,4 +229,5 @@ class BucketPlanner:
             region_start=offsets[0] if entries and contiguous else None,
             small=small,
             key="|".join(name for name, _, _ in entries),
+            segments=tuple(segments),
         )

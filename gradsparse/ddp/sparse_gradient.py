@@ -16,6 +16,11 @@ def sparse_gradient(state: SparseHookState, grad: torch.Tensor) -> torch.futures
     """A sparse gradient (``nn.Embedding(sparse=True)``; DDP gives it a bucket of its own):
     DDP's own sparse path, which sums coalesced (row index, row) pairs across ranks. It is
     already sparse, so nothing is selected and nothing is kept back."""
+    if state.preconditioner is not None:
+        raise ValueError(
+            "gradsparse.optim.SparseAdamW does not support sparse gradients (nn.Embedding(sparse=True)); "
+            "use a dense embedding, or torch.optim.SparseAdam for it"
+        )
     backend = state.backend
     world = backend.size
     coalesced = grad.coalesce()

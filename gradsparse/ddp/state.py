@@ -16,18 +16,19 @@ from gradsparse.comm import build as build_collective
 from gradsparse.compressors import Compressor
 from gradsparse.error_feedback import ErrorFeedback
 from gradsparse.masking import WeightMasker
+from gradsparse.precondition import AdamPreconditioner
 
+from . import saving
+from .compressor_states import CompressorStates
 from .options import HookOptions
 from .plan import BucketPlanner, ParamNames
 from .policy import Policy
-from .selection import CompressorStates
+from .saving import STATE_FORMAT
 from .stats import HookStats
 
 __all__ = ["STATE_FORMAT", "SparseHookState"]
 
 logger = logging.getLogger(__name__)
-
-STATE_FORMAT = "gradsparse.SparseHookState/1"
 
 
 class SparseHookState:
@@ -49,6 +50,8 @@ class SparseHookState:
         route: the registered route of the sparse steps (see :mod:`gradsparse.ddp.routes`);
             default: the one that serves ``collective``.
     """
+
+    preconditioner: Optional[AdamPreconditioner] = None  # for states pickled before it existed
 
     def __init__(
         self,
@@ -94,6 +97,9 @@ class SparseHookState:
         self.selection = CompressorStates(self.compressor, scope)
         self.names = ParamNames()
         self.planner = BucketPlanner(self.names, min_compress_numel)
+        #: Adam's second moment of this rank's gradients, divided out before compression;
+        #: installed by :class:`gradsparse.optim.SparseAdamW` (see :mod:`gradsparse.precondition`)
+        self.preconditioner: Optional[AdamPreconditioner] = None
         self.policy = Policy(self.compressor, self.options, self.collective, masker, route)
         if named_parameters is not None:
             self.attach(named_parameters)
@@ -109,6 +115,18 @@ class SparseHookState:
         self.names.attach(named_parameters)
         self.planner.plans.clear()
         return self
+
+    def precondition(self, preconditioner: AdamPreconditioner) -> None:
+        """Divide every gradient by ``preconditioner``'s second moment before compression,
+        from the next bucket on (the optimizer must then expect normalised gradients, as
+        :class:`gradsparse.optim.SparseAdamW` does)."""
+        if not isinstance(preconditioner, AdamPreconditioner):
+            raise ValueError(
+                f"Expected argument `preconditioner` to be an AdamPreconditioner, but got {preconditioner!r}."
+            )
+        self.preconditioner = preconditioner
+        self.planner.name_all = True
+        self.planner.plans.clear()
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the
@@ -130,15 +148,13 @@ class SparseHookState:
             self._backend = TorchDistBackend(self.process_group)
         return self._backend
 
-    def grad_scale(self) -> float:
-        """The AMP loss scale the gradients carry now (1.0 without a scaler)."""
+    def grad_scale(self) -> float:  # the AMP loss scale the gradients carry now (1.0 without)
         if self.grad_scaler is None or not self.grad_scaler.is_enabled():
             return 1.0
         return float(self.grad_scaler.get_scale())
 
     def stats(self) -> Dict[str, float]:
-        """Cumulative communication statistics of this rank."""
-        return self.counters.summary(self.feedback.residuals.norm())
+        return self.counters.summary(self.feedback.residuals.norm())  # this rank's, cumulative
 
     # Pickling (as PowerSGDState): drop the process group and backend --------------------
 
@@ -156,39 +172,15 @@ class SparseHookState:
         self.compiled_seen = set()
         logger.info("SparseHookState unpickled: it will use the default process group")
 
-    # Checkpointing ----------------------------------------------------------------------
+    # Checkpointing (the format: gradsparse.ddp.saving) --------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
         """Residuals, compressor state, step and statistics; tensors and plain values only,
         so ``torch.load(..., weights_only=True)`` reads it."""
-        return {
-            "format": STATE_FORMAT,
-            "compressor": self.compressor.name,
-            "step": self.step,
-            "error_feedback": self.feedback.state_dict(),
-            **self.selection.state_dict(),
-            "stats": self.counters.state_dict(),
-        }
+        return saving.state_dict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            found = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"not a SparseHookState state_dict (expected format {STATE_FORMAT!r}, got {found!r})")
-        if state["compressor"] != self.compressor.name:
-            raise ValueError(
-                f"state_dict was saved with compressor {state['compressor']!r}, "
-                f"this state uses {self.compressor.name!r}"
-            )
-        self.step = int(state["step"])
-        self.feedback.load_state_dict(state["error_feedback"])
-        self.selection.load_state_dict(state)
-        self.counters = HookStats(**state["stats"])
-        self.planner.plans.clear()
-        if not self.names.attached and any(not n.startswith("param") for n in self.feedback.names()):
-            self.names.attach_required = (
-                "this state holds residuals keyed by parameter name (restored from a checkpoint); "
-                "call state.attach(model.named_parameters()) before training (register_sparse_hook does this)"
-            )
+        saving.load_state_dict(self, state)
 
 
 def _compressor(compressor: Union[Compressor, str]) -> Compressor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ._common import HookOnModel
+from ._registration import HookOnModel
 
 __all__ = ["LightningHook"]
 
@@ -23,6 +23,7 @@ class LightningHook(HookOnModel):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.register(trainer.strategy.model, f"the {type(trainer.strategy).__name__}'s model")
+        self.check_optimizers(getattr(trainer, "optimizers", []))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps

@@ -6,8 +6,8 @@ trainer = L.Trainer(strategy="ddp", callbacks=[SparseGradients("topk", density=0
 
 from __future__ import annotations
 
-from ._common import missing
 from ._lightning import LightningHook
+from ._registration import missing
 
 try:
     from lightning.pytorch.callbacks import Callback

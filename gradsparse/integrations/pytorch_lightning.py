@@ -6,8 +6,8 @@ trainer = pl.Trainer(strategy="ddp", callbacks=[SparseGradients("topk", density=
 
 from __future__ import annotations
 
-from ._common import missing
 from ._lightning import LightningHook
+from ._registration import missing
 
 try:
     from pytorch_lightning.callbacks import Callback

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from gradsparse.compressors import Compressor
 
-from ._common import HookOnModel, missing
+from ._registration import HookOnModel, missing
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -37,6 +37,8 @@ class SparseGradientsCallback(HookOnModel, TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.register(self.trainer.model_wrapped, "the Trainer's model")
+        optimizer = kwargs.get("optimizer") or getattr(self.trainer, "optimizer", None)
+        self.check_optimizers([optimizer] if optimizer is not None else [])
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         metrics = self.metrics()

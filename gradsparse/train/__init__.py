@@ -2,18 +2,19 @@
 
 ==============  ===============================================================
 ``config``      the ``--compare`` mini-language and the typed :class:`TrainConfig`
+``digits``      the demonstration data set (scikit-learn's digits) and its models
 ``loop``        :func:`train`: one configuration on this rank
 ``checkpoint``  crash-consistent checkpoints with every rank's own hook state
 ``launcher``    one rank's work, the local elastic launcher, lost-peer reports
 ``results``     summaries, the table, CSV and plots
-``cli``         argparse, validation, :func:`main`
+``train_cli``   argparse, validation, :func:`main`
 ==============  ===============================================================
 """
 
 from __future__ import annotations
 
-from .cli import main
 from .config import RunConfig, TrainConfig, UsageError, parse_config
 from .loop import train
+from .train_cli import main
 
 __all__ = ["RunConfig", "TrainConfig", "UsageError", "main", "parse_config", "train"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from gradsparse.train.cli import main
+from gradsparse.train.train_cli import main
 
 sys.exit(main())

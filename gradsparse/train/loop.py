@@ -18,8 +18,8 @@ from torch import nn
 from gradsparse import compressors
 from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.ddp import SparseHookState, register_sparse_hook
-from gradsparse.digits import build_model, load_digits_split
 from gradsparse.masking import WeightMasker
+from gradsparse.train.digits import build_model, load_digits_split
 
 from . import checkpoint
 from .config import RunConfig, TrainConfig, UsageError
@@ -88,8 +88,17 @@ def _resume(config: TrainConfig, run: RunConfig, seed: int, setup: _Setup) -> ch
         if ckpt.get("masks") is None:
             raise UsageError(f"checkpoint {path} has no masks, but --mask-sparsity is set")
         setup.masker.load_state_dict(ckpt["masks"])
-    step = _steps_on(ckpt["step"], int(ckpt.get("world_size", dist.get_world_size())), setup.steps_per_epoch)
+    old_world, world = int(ckpt.get("world_size", dist.get_world_size())), dist.get_world_size()
+    step = _steps_on(ckpt["step"], old_world, setup.steps_per_epoch)
     logger.info("resumed %s (seed %d) at epoch %d, step %d", run.label, seed, ckpt["epoch"], step)
+    if dist.get_rank() == 0:  # the CLI's one line about what it resumed
+        resharded = "resharded" if setup.state is not None and old_world != world else "as saved"
+        hook = f"hook state {resharded}" if setup.state is not None else "no hook state"
+        print(
+            f"gradsparse-train: resumed {run.label} (seed {seed}) from {path.name} at epoch {ckpt['epoch']}, "
+            f"step {step}: written by {old_world} ranks, now {world}; {hook}",
+            flush=True,
+        )
     return checkpoint.Position(ckpt["epoch"], step, list(ckpt["records"]), own["epoch_loss"])
 
 

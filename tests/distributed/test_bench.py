@@ -11,7 +11,7 @@ from typing import Dict, Set
 
 import pytest
 
-from gradsparse.cluster import NETWORK
+from gradsparse.bench.cluster import NETWORK
 
 from .harness import descendants, local_addresses, socket_inodes, watch_sockets
 

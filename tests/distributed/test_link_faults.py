@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from gradsparse.cluster import Cluster
+from gradsparse.bench.cluster import Cluster
 from gradsparse.train.checkpoint import load_checkpoint, load_own_state
 
 from .test_bench import needs_root

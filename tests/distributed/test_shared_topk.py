@@ -205,8 +205,7 @@ def _failing_compressor_stops_every_rank(rank, world):
         state = gs.register_sparse_hook(ddp, "topk", density=0.01, collective="shared_topk", min_compress_numel=0)
         failing = 0 if leader_fails else 1  # round 0 is led by rank 0
         if rank == failing:
-            state.feedback.compensate_scan = _boom  # type: ignore[method-assign]
-            state.feedback.compensate = _boom  # type: ignore[method-assign]
+            state.policy.route.compensate = _boom  # type: ignore[method-assign]
         try:
             ddp(torch.randn(4, 300)).sum().backward()
             errors.append("none")

@@ -55,7 +55,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     common = ["--compare", "topk:0.05", "--epochs", "2", "--checkpoint-every", "1000"]
     run_cli(*common, "--out", str(tmp_path / "straight"))
     run_cli("--compare", "topk:0.05", "--epochs", "1", "--checkpoint-every", "1000", "--out", str(tmp_path / "split"))
-    run_cli(*common, "--resume", "--out", str(tmp_path / "split"))
+    resumed = run_cli(*common, "--resume", "--out", str(tmp_path / "split"))
+    assert "at epoch 1, step 0: written by 2 ranks, now 2; hook state as saved" in resumed.stdout, resumed.stdout
     ckpt = "checkpoints/topk_0.05-seed0.pt"
     a = torch.load(tmp_path / "straight" / ckpt, weights_only=True)
     b = torch.load(tmp_path / "split" / ckpt, weights_only=True)
@@ -284,6 +285,8 @@ def test_resume_on_another_number_of_ranks_reshards_and_trains_to_the_same_band(
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"was written by {before} ranks: resharded for {after}" in resumed.stdout, resumed.stdout[-3000:]
     assert re.search(r"resumed topk:0.05 \(seed 0\) at epoch 2, step 0", resumed.stdout)
+    line = f"written by {before} ranks, now {after}; hook state resharded"  # printed, --verbose or not
+    assert len(re.findall(rf"gradsparse-train: resumed topk:0.05 \(seed 0\) from .* {line}", resumed.stdout)) == 1
     straight = _run_train(tmp_path / "b", "--ranks", str(before), "--epochs", "4", *common)
     assert straight.returncode == 0, straight.stdout[-3000:]
     (acc_resumed, last_resumed), (acc_straight, last_straight) = map(_final_accuracy, (tmp_path / "a", tmp_path / "b"))

@@ -1,5 +1,5 @@
 """Run under ``horovodrun --gloo -np 2`` or ``mpirun -np 2``: train with
-gradsparse.horovod.DistributedOptimizer and save rank 0's final parameters to argv[1]."""
+gradsparse.integrations.horovod.DistributedOptimizer and save rank 0's final parameters to argv[1]."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gradsparse.horovod import DistributedOptimizer
+from gradsparse.integrations.horovod import DistributedOptimizer
 from tests.distributed.test_ddp_hook import loss_of, make_model
 
 STEPS = 12

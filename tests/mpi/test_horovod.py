@@ -1,4 +1,4 @@
-"""gradsparse.horovod under horovodrun (gloo) and mpirun, against the DDP hook."""
+"""gradsparse.integrations.horovod under horovodrun (gloo) and mpirun, against the DDP hook."""
 
 import os
 import shutil

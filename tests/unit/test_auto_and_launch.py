@@ -114,7 +114,7 @@ def test_restarts_into_torchruns_shared_store_are_warned_about(env, warns, caplo
 
 
 def test_cluster_ranks_may_have_links_of_their_own():
-    from gradsparse.cluster import Cluster
+    from gradsparse.bench.cluster import Cluster
 
     cluster = Cluster(4, "1gbit", slow=((3, "100mbit"),))
     assert [cluster.rate_of(r) for r in range(4)] == ["1gbit", "1gbit", "1gbit", "100mbit"]

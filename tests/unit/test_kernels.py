@@ -7,6 +7,7 @@ import gradsparse.compressors as C
 from gradsparse import kernels
 from gradsparse.compressors import CompressorState
 from gradsparse.error_feedback import ErrorFeedback
+from gradsparse.error_feedback.fused import compensate_scan
 from gradsparse.payload import Candidates, SparsePayload
 
 needs_numba = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
@@ -76,7 +77,7 @@ def test_fused_compensation_equals_the_unfused_one_with_idle_parameters():
         if step == 2:
             grad[3000:3500] = 0  # "b" unused this step
         a, b = grad.clone(), grad.clone()
-        found = fused.compensate_scan(layout, a, 1.0, 1.5, {})
+        found = compensate_scan(fused, layout, a, 1.0, 1.5, {})
         assert found is not None and found.candidates is not None
         finite, idle, compensated = found.finite, found.idle, found.compensated
         large = found.candidates.indices
@@ -92,7 +93,7 @@ def test_fused_compensation_equals_the_unfused_one_with_idle_parameters():
         plain.update(layout, b, SparsePayload(sent, b[sent], 5500), keep=idle)
         for name in ("a", "b", "c"):
             assert torch.equal(fused.residual(name), plain.residual(name)), (step, name)
-    assert ErrorFeedback(momentum=0.9).compensate_scan(layout, _grad(5500, 1), 1.0, None, {}) is None
+    assert compensate_scan(ErrorFeedback(momentum=0.9), layout, _grad(5500, 1), 1.0, None, {}) is None
 
 
 @pytest.mark.parametrize(
@@ -132,14 +133,14 @@ def test_second_residual_buffers_follow_ddp_regrouping():
     for layout in ((("a", 3000), ("b", 500)), (("b", 500), ("a", 3000)), (("a", 3000),), (("b", 500),)):
         for _ in range(2):
             grad = _grad(sum(n for _, n in layout), 7)
-            found = ef.compensate_scan(layout, grad, 1.0, 1.0, {})
+            found = compensate_scan(ef, layout, grad, 1.0, 1.0, {})
             assert found is not None and found.finite and found.candidates is not None
             large, compensated = found.candidates.indices, found.compensated
             ef.update(
                 layout, compensated, SparsePayload(large, compensated[large], grad.numel()), keep=found.idle,
                 swap=found.in_spare,
             )  # fmt: skip
-    assert sorted(ef._spares) == [(("a", 3000),), (("b", 500),)]
+    assert sorted(ef.memory.spares) == [(("a", 3000),), (("b", 500),)]
 
 
 @needs_numba

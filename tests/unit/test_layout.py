@@ -43,7 +43,10 @@ def test_comm_imports_nothing_private_from_gradsparse():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradsparse"):
                 assert not any(part.startswith("_") for part in node.module.split(".")), (path.name, node.module)
-                assert not node.module.startswith(("gradsparse.ddp", "gradsparse.horovod")), (path.name, node.module)
+                assert not node.module.startswith(("gradsparse.ddp", "gradsparse.integrations.horovod")), (
+                    path.name,
+                    node.module,
+                )
 
 
 def test_comm_modules_share_helpers_only_through_common():
@@ -52,3 +55,25 @@ def test_comm_modules_share_helpers_only_through_common():
             if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module != "_common":
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports private {private} from .{node.module}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=IDS)
+def test_no_class_over_150_lines(path):
+    big = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150
+    ]
+    assert not big, f"classes over 150 lines in {path.name}: {big}"
+
+
+def test_no_two_modules_share_a_name():
+    """One name per concept: a module's file name says which one (packages' __init__ and
+    __main__ aside)."""
+    seen: dict = {}
+    for path in MODULES:
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        seen.setdefault(path.stem, []).append(str(path.relative_to(ROOT)))
+    shared = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not shared, shared

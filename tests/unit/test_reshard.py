@@ -97,3 +97,18 @@ def test_bad_input_is_refused():
         gs.reshard_states(_states(2, [3], seed=4), 0)
     with pytest.raises(ValueError, match="not a SparseHookState state_dict"):
         gs.reshard_states([{"format": "x"}], 2)
+
+
+def test_the_preconditioners_second_moments_come_from_the_covering_rank_and_load():
+    old = _states(2, [6], seed=3)
+    for r, state in enumerate(old):
+        state["preconditioner"] = {
+            "beta2": 0.99, "eps": 1e-8, "second_moments": {"p0": torch.full((6,), float(r + 1))}, "steps": {"p0": 7},
+        }  # fmt: skip
+    new = gs.reshard_states(old, 4)  # new ranks 0, 1 lie in old rank 0's half; 2, 3 in old rank 1's
+    assert [float(s["preconditioner"]["second_moments"]["p0"][0]) for s in new] == [1.0, 1.0, 2.0, 2.0]
+    restored = gs.SparseHookState("topk")
+    restored.load_state_dict(new[3])
+    assert restored.preconditioner is not None and restored.preconditioner.beta2 == 0.99
+    assert torch.equal(restored.preconditioner.second_moments["p0"], torch.full((6,), 2.0))
+    assert restored.preconditioner.steps == {"p0": 7}

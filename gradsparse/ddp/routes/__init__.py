@@ -15,8 +15,8 @@ module: a :class:`Route` subclass decorated with ``@register_route("name")``, ch
 
 from __future__ import annotations
 
-from .base import BucketStep, Route, available, build, for_collective, register_route, registry
 from .dense import DenseRoute
+from .route import BucketStep, Route, available, build, for_collective, register_route, registry
 from .shared_topk import SharedTopkRoute
 from .sparse import SparseRoute
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .base import BucketStep, Route, is_finite, register_route
+from .route import BucketStep, Route, is_finite, register_route
 
 if TYPE_CHECKING:
     from ..state import SparseHookState

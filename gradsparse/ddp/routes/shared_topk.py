@@ -14,7 +14,7 @@ from gradsparse.buffers import reusable
 from gradsparse.comm import Backend, Collective, Reduced, SharedTopkCollective
 from gradsparse.payload import SparsePayload
 
-from .base import BucketStep, register_route
+from .route import BucketStep, register_route
 from .sparse import SparseRoute
 
 if TYPE_CHECKING:

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradsparse.comm import Reduced
+from gradsparse.error_feedback import fused
 from gradsparse.payload import SparsePayload
 
-from .base import BucketStep, Route, register_route
+from .route import BucketStep, Route, register_route
 
 if TYPE_CHECKING:
     from ..state import SparseHookState
@@ -42,17 +43,17 @@ class SparseRoute(Route):
         plan, compressor, feedback = step.plan, step.decision.compressor, state.feedback
         if step.active is not None or not state.options.error_feedback or state.compressor.state_buffers:
             return False
-        if not feedback.can_fuse(step.region):
+        if not fused.can_fuse(feedback, step.region):
             return False
         scale = state.grad_scale()
 
         def values_at(positions: torch.Tensor) -> torch.Tensor:
-            return feedback.compensated_at(plan.layout, step.region, positions, scale)
+            return fused.compensated_at(feedback, plan.layout, step.region, positions, scale)
 
         floor = None
         if self.selects(state, step):
             floor = state.selection.candidate_floor(compressor, plan.key, plan.layout, step.region, values_at)
-        scan = feedback.compensate_scan(plan.layout, step.region, scale, floor, plan.scratch)
+        scan = fused.compensate_scan(feedback, plan.layout, step.region, scale, floor, plan.scratch)
         if scan is None:
             return False
         step.idle, step.values, step.in_spare, step.scale = scan.idle, scan.compensated, scan.in_spare, scale

@@ -160,25 +160,8 @@ class Cluster:
     def _shape(self, ns: str, dev: str, rate: str) -> None:
         bits = parse_rate(rate)
         burst = max(int(bits / 8 / _HZ), 64 * 1024)  # at least rate/HZ, or tbf cannot reach the rate
-        _run(
-            [
-                "tc",
-                "-n",
-                ns,
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                str(burst),
-                "latency",
-                "100ms",
-            ]
-        )
+        tbf = ["tbf", "rate", rate, "burst", str(burst), "latency", "100ms"]
+        _run(["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", *tbf])
 
     def down(self) -> None:
         """Delete every namespace with this prefix (their veths go with them). Safe to

@@ -3,15 +3,25 @@ model, and the statistics they log."""
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import torch
 
-from gradsparse.compressors import Compressor
+from gradsparse.compressors import Compressor, NoCompression
 from gradsparse.ddp import SparseHookState, register_sparse_hook
 
-__all__ = ["LOGGED", "HookOnModel", "missing"]
+__all__ = ["ADAPTIVE", "LOGGED", "HookOnModel", "missing"]
+
+logger = logging.getLogger(__name__)
+
+#: optimizers with per-coordinate second moments, which sparse gradients with error
+#: feedback distort (see gradsparse.precondition)
+ADAPTIVE = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam,
+    torch.optim.Adagrad, torch.optim.RMSprop,
+)  # fmt: skip
 
 #: the statistics the integrations log, as ``gradsparse/<name>``
 LOGGED = ("bytes_sent", "dense_bytes", "compression_ratio", "density", "residual_norm", "nonfinite_buckets")
@@ -51,6 +61,24 @@ class HookOnModel:
             return self.state  # registered already (a second fit on the same model)
         self.state = register_sparse_hook(model, self.compressor, state=self.state, **self.options)
         return self.state
+
+    def check_optimizers(self, optimizers: Iterable[Any]) -> bool:
+        """Warn (once, and return True) when an adaptive optimizer trains on sparse
+        gradients without the hook's preconditioner: the model would end worse."""
+        state = self.state
+        if state is None or state.preconditioner is not None or isinstance(state.compressor, NoCompression):
+            return False
+        for opt in optimizers:
+            inner = getattr(opt, "optimizer", opt)  # accelerate's and Lightning's wrappers
+            if isinstance(inner, ADAPTIVE):
+                logger.warning(
+                    "gradsparse: %s on sparse gradients with error feedback loses quality (Adam's second moment "
+                    "sees bursts and zeros); use gradsparse.optim.SparseAdamW(params, ..., hook=state) with the "
+                    "hook's state instead (docs/quality.md)",
+                    type(inner).__name__,
+                )
+                return True
+        return False
 
     def metrics(self) -> Dict[str, float]:
         """This rank's cumulative statistics, finite numbers only, as ``gradsparse/<name>``."""

@@ -1,4 +1,4 @@
-"""A sparse path for Horovod: ``gradsparse.horovod.DistributedOptimizer``.
+"""A sparse path for Horovod: ``gradsparse.integrations.horovod.DistributedOptimizer``.
 
 Horovod's own ``Compression`` is dense-only: it compresses a tensor, then allreduces it.
 This optimizer runs, for each gradient as autograd finishes it, the same stages as the DDP
@@ -13,7 +13,7 @@ It is a ``torch.optim.Optimizer`` that shares its parameter groups and state wit
 optimizer it wraps, so ``torch.optim.lr_scheduler`` drives it as usual::
 
     import horovod.torch as hvd
-    import gradsparse.horovod as gsh
+    import gradsparse.integrations.horovod as gsh
     hvd.init()
     opt = gsh.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    compressor="topk", density=0.01)
@@ -43,11 +43,11 @@ def _horovod_backend() -> Any:
         import horovod.torch as hvd
     except ImportError as exc:
         raise ImportError(
-            "gradsparse.horovod needs Horovod; build it for this torch with scripts/install-horovod"
+            "gradsparse.integrations.horovod needs Horovod; build it for this torch with scripts/install-horovod"
         ) from exc
     if not hvd.is_initialized():
         raise RuntimeError("Horovod is not initialised: call hvd.init() before creating the DistributedOptimizer")
-    from gradsparse.comm.horovod import HorovodBackend
+    from gradsparse.comm.horovod_backend import HorovodBackend
 
     return HorovodBackend()
 
@@ -86,7 +86,9 @@ class SparseDistributedOptimizer(torch.optim.Optimizer):
                 f"Expected argument `optimizer` to be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
         if backward_passes_per_step != 1:
-            raise ValueError("gradsparse.horovod supports backward_passes_per_step=1 only (use larger batches instead)")
+            raise ValueError(
+                "gradsparse.integrations.horovod supports backward_passes_per_step=1 only (use larger batches instead)"
+            )
         pairs = _names(optimizer, named_parameters)
         # the wrapped optimizer's own group dicts: a scheduler's changes reach it
         super().__init__(optimizer.param_groups, optimizer.defaults)

@@ -5,6 +5,7 @@
     gradsparse-bench run --loopback ...                      # no root: unshaped 127.0.0.1
     gradsparse-bench run --world-sizes 2 --model resnet,gpt2  # whole training steps of real layouts
     gradsparse-bench select --numel 25e6 --density 0.01     # the selection kernels alone
+    gradsparse-bench quality --optimizers adamw,sparse_adamw  # does a sparse run keep the model's quality?
 
 ``run`` times a full DDP step (backward, hook, wait) of one large parameter on every rank,
 for DDP's default allreduce, PyTorch's bf16, fp16 and PowerSGD (rank 1 and 4) hooks and the
@@ -26,11 +27,12 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from gradsparse.cluster import Cluster, ClusterError, parse_rate
+from gradsparse.bench.cluster import Cluster, ClusterError, parse_rate
 from gradsparse.report import write_csv
 
 from .configs import BASELINES
 from .models import MODELS, parameter_count
+from .quality import quality_bench
 from .select import select_bench
 from .sweep import configs_for, enrich, run_group
 from .tables import plots, table
@@ -103,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--numel", type=float, default=25e6, help="tensor size in entries")
     sel.add_argument("--density", type=float, default=0.01, help="fraction selected")
     sel.add_argument("--out", default=None, help="also write the timings to this JSON file")
+    qual = sub.add_parser("quality", help="validation loss of a character GPT, dense against sparse")
+    qual.add_argument("--optimizers", default="adamw,sgd,sparse_adamw", help="some of adamw, sgd, sparse_adamw")
+    qual.add_argument(
+        "--configs", default="dense,topk:0.1,topk:0.01,topk:0.001,topk:0.01:shared_topk",
+        help="'dense' and COMPRESSOR:DENSITY[:COLLECTIVE], comma-separated",
+    )  # fmt: skip
+    qual.add_argument("--steps", type=int, default=600, help="training steps (the same for every run)")
+    qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters per rank and step")
+    qual.add_argument("--ranks", type=int, default=2, help="gloo ranks on this machine")
+    qual.add_argument("--out", default=None, help="write results.jsonl and results.md here")
     return parser
 
 
@@ -126,6 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "select":
             return select_bench(int(args.numel), args.density, args.out)
+        if args.command == "quality":
+            return quality_bench(
+                _names(args.optimizers), _names(args.configs), args.steps, args.batch, args.ranks, args.out
+            )
         if getattr(args, "delay", None):
             raise ClusterError("this kernel has no netem, so links emulate bandwidth only; drop --delay")
         if args.command == "cluster":

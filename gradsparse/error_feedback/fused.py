@@ -1,0 +1,93 @@
+"""The compensation fused with the scan of the gradient, in one compiled pass (CPU, numba;
+see :func:`gradsparse.kernels.compensate_scan`), and what it hands on.
+
+The gradient is only read: the compensated tensor is written into the residual memory's
+spare buffer, which :meth:`ErrorFeedback.update` (``swap=True``) makes the residual by
+swapping, so that keeping what was not sent costs no copy and a skipped step leaves the
+state exactly as it was. The pass also gathers the entries above the compressor's
+candidate floor, so that selection reads only those."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import torch
+
+from gradsparse import kernels
+from gradsparse.payload import Candidates
+from gradsparse.store import Layout, spans
+
+if TYPE_CHECKING:
+    from . import ErrorFeedback
+
+__all__ = ["ScanResult", "can_fuse", "compensate_scan", "compensated_at"]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What :func:`compensate_scan` made of a gradient in its one pass."""
+
+    finite: bool
+    idle: Tuple[str, ...]  # parameters whose gradient was all zeros: their state is kept
+    candidates: Optional[Candidates]  # every entry at or above the floor it was given
+    compensated: torch.Tensor
+    #: ``compensated`` lies in the spare residual buffer: :meth:`ErrorFeedback.update`
+    #: makes it the residual by swapping (pass ``swap=True``)
+    in_spare: bool
+
+
+def can_fuse(feedback: ErrorFeedback, grad: torch.Tensor) -> bool:
+    """Whether :func:`compensate_scan` applies to ``grad`` (no momentum; a contiguous
+    float32/float64 CPU tensor with numba installed)."""
+    return feedback.correction is None and kernels.supports(grad)
+
+
+def compensated_at(
+    feedback: ErrorFeedback, layout: Layout, grad: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """What compensation would make of ``grad`` at ``positions``, without compensating
+    (without momentum: the gradient plus the residual there)."""
+    if feedback.correction is not None:
+        raise ValueError("compensated_at() is for error feedback without momentum")
+    values = torch.index_select(grad, 0, positions)
+    if not feedback.is_zero(layout):
+        feedback.loss_scales.rescale(layout, feedback.stores(), grad, scale)
+        values.add_(torch.index_select(feedback.memory.flat(layout, grad), 0, positions))
+    return values
+
+
+def compensate_scan(
+    feedback: ErrorFeedback,
+    layout: Layout,
+    grad: torch.Tensor,
+    scale: float = 1.0,
+    floor: Optional[float] = None,
+    scratch: Optional[Dict[str, torch.Tensor]] = None,
+) -> Optional[ScanResult]:
+    """:meth:`ErrorFeedback.compensate` fused with the scan of ``grad``. ``idle`` names the
+    parameters whose gradient was all zeros: their entries come out zero and their state
+    is kept. ``candidates`` holds the ascending indices where the compensated magnitude
+    reaches ``floor`` (None without a floor). (With no residual yet, ``compensated`` is
+    ``grad`` itself.) None when the kernel does not apply (:func:`can_fuse`): nothing was
+    done."""
+    if not can_fuse(feedback, grad):
+        return None
+    residual = into = None
+    if not feedback.is_zero(layout):
+        feedback.loss_scales.rescale(layout, feedback.stores(), grad, scale)
+        residual = feedback.memory.flat(layout, grad)
+        into = feedback.memory.spare(layout, residual)
+    found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {}, into=into)
+    if found is None:
+        return None
+    compensated = grad if into is None else into
+    idle = tuple(name for (name, n), used in zip(layout, found.nonzero) if n and not used)
+    large = found.large
+    for start, end in spans(layout, idle):
+        if into is not None:  # the gradient holds zeros there already
+            compensated[start:end] = 0  # nothing of theirs is sent
+        if large is not None:
+            large = large[(large < start) | (large >= end)]
+    candidates = None if large is None or floor is None else Candidates(floor, large)
+    return ScanResult(found.finite, idle, candidates, compensated, in_spare=into is not None)
