@@ -1,11 +1,13 @@
-"""The worked example of docs/extending.md, run as written: a route added through the public
-extension point (``register_route`` + ``SparseHookState(route=...)``) trains on real gloo
-ranks, against an independently computed reference. Workers return their tensors; every
-check is made here, in the parent."""
+"""The worked examples of docs/extending.md, run as written: a compressor, a collective and a
+route added through the public extension points train on real gloo ranks, against
+independently computed references. Workers return their tensors; every check is made here,
+in the parent."""
 
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any, Dict
 
@@ -26,15 +28,17 @@ PAGE = Path(__file__).resolve().parents[2] / "docs" / "extending.md"
 
 
 def _page_code() -> str:
-    """The page's first python block: the route's definition."""
+    """The page's python blocks, in order (the compressor, the collective, the route)."""
     blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
-    assert blocks, f"no python code block in {PAGE}"
-    return blocks[0]
+    assert len(blocks) >= 3, f"expected the three examples' python blocks in {PAGE}"
+    return "\n".join(blocks)
 
 
-# Run the page's example here, at import, so that every spawned rank registers the route too.
-EXAMPLE: Dict[str, Any] = {"__name__": "extending_example"}
-exec(compile(_page_code(), str(PAGE), "exec"), EXAMPLE)  # our own docs page
+# Run the page's examples here, at import, so that every spawned rank registers them too;
+# as a module of its own (dataclasses look their module up in sys.modules).
+EXAMPLE = types.ModuleType("gradsparse_extending_example")
+sys.modules[EXAMPLE.__name__] = EXAMPLE
+exec(compile(_page_code(), str(PAGE), "exec"), EXAMPLE.__dict__)  # our own docs page
 
 DENSITY = 0.1
 
@@ -67,8 +71,11 @@ def _train(rank: int, world: int, steps: int) -> Dict[str, Any]:
     return {"params": flat_params(model), "losses": losses, **first, "selected": state.counters.selected}
 
 
-def test_the_page_registers_its_route_and_a_bad_name_lists_the_valid_ones():
+def test_the_page_registers_its_examples_and_a_bad_name_lists_the_valid_ones():
     assert "densified" in routes.available()
+    assert "blockmax" in gs.compressors.available() and "list_allgather" in gs.comm.available()
+    with pytest.raises(ValueError, match="`block`"):
+        gs.compressors.build("blockmax", block=0)
     with pytest.raises(ValueError, match=r"unknown route 'nope'; expected one of \[.*'densified'"):
         gs.SparseHookState("topk", route="nope")
 
@@ -100,3 +107,57 @@ def test_a_route_added_by_the_extending_page_trains_on_real_ranks():
     # It learns.
     losses = results[0]["losses"]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def _blockmax_step(rank: int, world: int) -> Dict[str, Any]:
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gs.register_sparse_hook(ddp, "blockmax", block=32, scope="layer", min_compress_numel=1000)
+    local = make_model()
+    loss_of(local, rank, 0).backward()
+    loss_of(ddp, rank, 0).backward()
+    return {
+        "local": {n: p.grad.clone() for n, p in local.named_parameters()},
+        "averaged": {n: p.grad.clone() for n, p in model.named_parameters()},
+        "residual": {n: state.feedback.residual(n).clone() for n in state.feedback.names()},
+    }
+
+
+def test_the_pages_compressor_sends_each_blocks_largest_entry():
+    results = run_distributed(_blockmax_step, 2)
+    names = list(results[0]["residual"])
+    assert names
+    for name in names:
+        sent = []
+        for r in results:
+            grad = r["local"][name].reshape(-1)
+            top = torch.zeros_like(grad)
+            for start in range(0, grad.numel(), 32):  # a plain loop: the reference
+                block = grad[start : start + 32]
+                i = start + int(block.abs().argmax())
+                top[i] = grad[i]
+            assert_close(r["residual"][name] + top, grad, rtol=0, atol=0)
+            sent.append(top)
+        for r in results:
+            assert_close(r["averaged"][name].reshape(-1), torch.stack(sent).sum(0) / 2)
+
+
+def _train_with(rank: int, world: int, collective: str) -> torch.Tensor:
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    gs.register_sparse_hook(ddp, "topk", density=0.05, collective=collective, min_compress_numel=1000)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    for step in range(10):
+        opt.zero_grad()
+        loss_of(ddp, rank, step).backward()
+        opt.step()
+    return flat_params(model)
+
+
+def test_the_pages_collective_sums_exactly_as_allgather_does():
+    """Both sum the same payloads in rank order: the same bits, step after step."""
+    mine = run_distributed(_train_with, 3, "list_allgather")
+    reference = run_distributed(_train_with, 3, "allgather")
+    for a, b in zip(mine, reference):
+        assert torch.equal(a, b)
+    assert torch.equal(mine[0], mine[1]) and torch.equal(mine[0], mine[2])
