@@ -30,8 +30,10 @@ class SparseAdamW(torch.optim.Optimizer):
 
     Args:
         params: the parameters, or parameter groups, as for ``torch.optim.AdamW``.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; ``betas[1]`` and ``eps``
-            go to the hook's preconditioner.
+        lr: the learning rate, as ``torch.optim.AdamW``'s.
+        betas: Adam's decays; ``betas[1]`` goes to the hook's preconditioner.
+        eps: added to the second moment's root, in the hook's preconditioner.
+        weight_decay: decoupled weight decay, as ``torch.optim.AdamW``'s.
         hook: the :class:`~gradsparse.SparseHookState` registered on the DDP model whose
             parameters these are (or the Horovod optimizer's ``hook_state``).
 

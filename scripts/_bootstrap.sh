@@ -1,11 +1,11 @@
 # Sourced by the scripts in this folder: create .venv once and keep it in sync.
 #   GRADSPARSE_TORCH_VERSION  torch version to pin (default 2.13.0, the CPU wheel here)
 #   GRADSPARSE_VENV           where the virtual environment lives (default .venv)
-#   EXTRAS                    setup.cfg extras to install (default: test,train,lightning,transformers)
+#   EXTRAS                    setup.cfg extras to install (default: test,train,lightning,transformers,docs)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GRADSPARSE_VENV:-$ROOT/.venv}"
 TORCH_VERSION="${GRADSPARSE_TORCH_VERSION:-2.13.0}"
-EXTRAS="${EXTRAS:-test,train,lightning,transformers}"
+EXTRAS="${EXTRAS:-test,train,lightning,transformers,docs}"
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV"
 fi

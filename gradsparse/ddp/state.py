@@ -32,13 +32,13 @@ logger = logging.getLogger(__name__)
 
 
 class SparseHookState:
-    """State of :func:`~gradsparse.sparse_allreduce_hook`.
+    """State of :func:`~gradsparse.sparse_allreduce_hook`. The hook options (``error_feedback``,
+    ``momentum``, ``min_compress_numel``, ``start_step``, ``density_warmup_steps``,
+    ``warmup_initial_density``, ``scope``, ``log_every``) are :class:`HookOptions`'s.
 
     Args:
         compressor: a :class:`~gradsparse.compressors.Compressor`, or a registered name
             (built with its default parameters).
-        error_feedback, momentum, min_compress_numel, start_step, density_warmup_steps,
-            warmup_initial_density, scope, log_every: see :class:`HookOptions`.
         collective: name of a ``gradsparse.comm`` collective, or an instance.
         process_group: the group to sum over (default: the world). Dropped on pickling.
         backend: a ready ``gradsparse.comm.Backend`` (e.g. ``MPIBackend``) instead of

@@ -69,9 +69,12 @@ class WeightMasker:
         criterion: ``"magnitude"`` (prune only), ``"rigl"`` or ``"set"`` (prune, then regrow).
         scope: ``"layer"`` (each parameter reaches ``sparsity``) or ``"global"`` (one threshold).
         schedule: ``"oneshot"`` (prune at ``start_step``) or ``"gradual"`` (cubic).
-        start_step, end_step, frequency: when the gradual schedule prunes.
-        regrow_every, regrow_fraction, regrow_until: how often and how much RigL/SET swap
-            (after ``end_step`` for gradual schedules; see :class:`MaskSchedule`).
+        start_step: when pruning starts.
+        end_step: when the gradual schedule reaches ``sparsity`` (default ``start_step``).
+        frequency: how often the gradual schedule prunes, in steps.
+        regrow_every: how often RigL/SET swap weights (after ``end_step``).
+        regrow_fraction: the fraction of active weights a swap moves, decaying with a cosine.
+        regrow_until: the step after which nothing regrows (default: never stop).
         names: prune only these parameters (default: every prunable one).
         seed: SET's random regrowth seed.
     """

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 __all__ = [
+    "check_on_ranks",
     "descendants",
     "flat_params",
     "gather_all",
@@ -86,6 +87,18 @@ def run_distributed(
     if errors:
         raise AssertionError("\n".join(errors))
     return [value for _, value in results]
+
+
+def check_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` on spawned gloo ranks where the checks live: each
+    rank asserts against references it computes itself (a dense reference, its peers'
+    gathered tensors), and the first rank's failed assert is raised here with its
+    traceback. The workers return nothing; anything else is refused, so that no test
+    mistakes a returned value for a check."""
+    results = run_distributed(fn, world_size, *args, timeout=timeout)
+    returned = [r for r in results if r is not None]
+    if returned:
+        raise AssertionError(f"{fn.__name__} returned {returned[0]!r}; workers under check_on_ranks return nothing")
 
 
 def flat_params(module: torch.nn.Module) -> torch.Tensor:

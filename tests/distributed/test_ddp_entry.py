@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 import gradsparse as gs
 
-from .harness import flat_params, gather_all, run_distributed
+from .harness import check_on_ranks, flat_params, gather_all, run_distributed
 from .test_ddp_hook import loss_of, make_model
 
 # --- a state pickled into spawned workers ------------------------------------------------
@@ -76,11 +76,10 @@ def _sparse_embedding(rank, world):
         assert_close(hooked.embed.weight.grad.to_dense(), plain.embed.weight.grad.to_dense(), rtol=1e-6, atol=1e-7)
     assert state.stats()["bytes_sent"] > 0
     del ddp_plain, ddp_hooked
-    return True
 
 
 def test_sparse_embedding_gradients_equal_ddp():
-    assert all(run_distributed(_sparse_embedding, 2))
+    check_on_ranks(_sparse_embedding, 2)
 
 
 # --- compiled DDP: hook(state, (param.grad, param)) ------------------------------------------
@@ -161,8 +160,7 @@ def _refused(rank, world):
     with pytest.raises(Exception, match="already serves another parameter named"):
         loss_of(twin, rank, 0).backward()
     del ddp, other, twin
-    return True
 
 
 def test_bad_registrations_are_refused_with_a_clear_error():
-    assert all(run_distributed(_refused, 1))
+    check_on_ranks(_refused, 1)

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 import gradsparse as gs
 from gradsparse.compressors import Compressor
 
-from .harness import flat_params, gather_all, run_distributed
+from .harness import check_on_ranks, flat_params, gather_all, run_distributed
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -48,13 +48,12 @@ def _equals_plain_ddp(rank, world, compressor, params):
             loss_of(m, rank, step).backward()
         for a, b in zip(plain.parameters(), hooked.parameters()):
             assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7)
-    return True
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("compressor,params", [("none", {}), ("topk", {"density": 1.0})])
 def test_full_density_equals_plain_ddp(world, compressor, params):
-    assert all(run_distributed(_equals_plain_ddp, world, compressor, params))
+    check_on_ranks(_equals_plain_ddp, world, compressor, params)
 
 
 # --- 1% sparse sum equals a reference built from every rank's payload ----------------
@@ -89,13 +88,12 @@ def _sparse_sum_matches_reference(rank, world, scope):
         reference = sum(_reference_topk(g, density) for g in everyone) / world
         assert_close(p_ddp.grad.reshape(-1).double(), reference, rtol=1e-6, atol=1e-9)
         assert int((reference != 0).sum()) <= world * max(1, math.ceil(density * p_local.numel()))
-    return True
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("scope", ["bucket", "layer"])
 def test_sparse_sum_matches_independent_reference(world, scope):
-    assert all(run_distributed(_sparse_sum_matches_reference, world, scope))
+    check_on_ranks(_sparse_sum_matches_reference, world, scope)
 
 
 # --- replicas stay bit-identical -------------------------------------------------------
@@ -192,11 +190,10 @@ def _resume_equals_uninterrupted(rank, world):
         assert state.step == 6
         _train(rank, ddp, opt, 6, 6)
         assert torch.equal(flat_params(model), uninterrupted), f"{compressor} {params}: resume differs"
-    return True
 
 
 def test_resume_from_checkpoint_is_bit_identical():
-    assert all(run_distributed(_resume_equals_uninterrupted, 2))
+    check_on_ranks(_resume_equals_uninterrupted, 2)
 
 
 def _pickled_state_resumes(rank, world):
@@ -209,11 +206,10 @@ def _pickled_state_resumes(rank, world):
     assert restored.step == 3
     for name, tensor in state.feedback.residuals:
         assert torch.equal(restored.feedback.residual(name), tensor)
-    return True
 
 
 def test_state_pickles_without_its_process_group():
-    assert all(run_distributed(_pickled_state_resumes, 2))
+    check_on_ranks(_pickled_state_resumes, 2)
 
 
 # --- edge cases -------------------------------------------------------------------------
@@ -307,12 +303,11 @@ def _edge_cases(rank, world):
         assert "injected compression failure" in message, message
     else:
         assert "rank(s) [1] failed" in message, message
-    return True
 
 
 @pytest.mark.parametrize("world", [3])
 def test_edge_cases(world):
-    assert all(run_distributed(_edge_cases, world))
+    check_on_ranks(_edge_cases, world)
 
 
 def _single_rank(rank, world):

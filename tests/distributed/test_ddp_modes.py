@@ -15,7 +15,7 @@ from torch.testing import assert_close
 
 import gradsparse as gs
 
-from .harness import gather_all, run_distributed
+from .harness import check_on_ranks, gather_all, run_distributed
 
 STEPS = 6
 
@@ -187,8 +187,7 @@ def _none_equals_ddp(rank, world, modes):
                 tol = {"rtol": 1e-2, "atol": 1e-3} if prepare == "bf16" else {"rtol": 1e-6, "atol": 1e-7}
                 assert_close(b.grad, a.grad, **tol, msg=lambda m, n=n, mode=mode: f"{mode} {n}: {m}")
         del plain, hooked
-    return True
 
 
 def test_none_equals_ddp_in_every_mode():
-    assert all(run_distributed(_none_equals_ddp, 2, list(MODES)))
+    check_on_ranks(_none_equals_ddp, 2, list(MODES))

@@ -34,16 +34,40 @@ def _page_code() -> str:
     return "\n".join(blocks)
 
 
-# Run the page's examples here, at import, so that every spawned rank registers them too;
-# as a module of its own (dataclasses look their module up in sys.modules).
-EXAMPLE = types.ModuleType("gradsparse_extending_example")
-sys.modules[EXAMPLE.__name__] = EXAMPLE
-exec(compile(_page_code(), str(PAGE), "exec"), EXAMPLE.__dict__)  # our own docs page
+EXAMPLE = "gradsparse_extending_example"
+REGISTERED = (
+    ("blockmax", gs.compressors.registry),
+    ("list_allgather", gs.comm.registry),
+    ("densified", routes.registry),
+)
+
+
+def _load_examples() -> None:
+    """Run the page's examples once in this process, as a module of its own (dataclasses
+    look their module up in sys.modules). Each spawned rank calls it first."""
+    if EXAMPLE in sys.modules:
+        return
+    module = types.ModuleType(EXAMPLE)
+    sys.modules[EXAMPLE] = module
+    exec(compile(_page_code(), str(PAGE), "exec"), module.__dict__)  # our own docs page
+
+
+@pytest.fixture
+def examples():
+    """The examples registered in this (the parent) process for one test, then removed, so
+    that no other test sees them."""
+    _load_examples()
+    yield
+    for name, registry in REGISTERED:
+        registry._items.pop(name, None)
+    del sys.modules[EXAMPLE]
+
 
 DENSITY = 0.1
 
 
 def _train(rank: int, world: int, steps: int) -> Dict[str, Any]:
+    _load_examples()
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     state = gs.register_sparse_hook(
@@ -71,7 +95,7 @@ def _train(rank: int, world: int, steps: int) -> Dict[str, Any]:
     return {"params": flat_params(model), "losses": losses, **first, "selected": state.counters.selected}
 
 
-def test_the_page_registers_its_examples_and_a_bad_name_lists_the_valid_ones():
+def test_the_page_registers_its_examples_and_a_bad_name_lists_the_valid_ones(examples):
     assert "densified" in routes.available()
     assert "blockmax" in gs.compressors.available() and "list_allgather" in gs.comm.available()
     with pytest.raises(ValueError, match="`block`"):
@@ -110,6 +134,7 @@ def test_a_route_added_by_the_extending_page_trains_on_real_ranks():
 
 
 def _blockmax_step(rank: int, world: int) -> Dict[str, Any]:
+    _load_examples()
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     state = gs.register_sparse_hook(ddp, "blockmax", block=32, scope="layer", min_compress_numel=1000)
@@ -143,6 +168,7 @@ def test_the_pages_compressor_sends_each_blocks_largest_entry():
 
 
 def _train_with(rank: int, world: int, collective: str) -> torch.Tensor:
+    _load_examples()
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     gs.register_sparse_hook(ddp, "topk", density=0.05, collective=collective, min_compress_numel=1000)

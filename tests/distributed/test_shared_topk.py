@@ -14,7 +14,7 @@ from gradsparse.comm import PayloadError, PeerError, SharedTopkCollective, Torch
 from gradsparse.comm.backend import ring_allreduce_bytes
 from gradsparse.payload import SparsePayload
 
-from .harness import gather_all, run_distributed
+from .harness import check_on_ranks, gather_all, run_distributed
 
 
 def _dense(rank: int, round_: int, numel: int) -> torch.Tensor:
@@ -62,12 +62,11 @@ def _collective_rounds(rank, world, rank_order):
         received = (4 * (k + 3) if rank != leader else 0) + summed
         assert delta["bytes_received"] == received, delta
         assert reduced.counts == (k,) * world
-    return True
 
 
 @pytest.mark.parametrize("world,rank_order", [(2, False), (3, True), (4, False), (5, True)])
 def test_the_sum_is_exact_on_the_leaders_indices(world, rank_order):
-    assert all(run_distributed(_collective_rounds, world, rank_order))
+    check_on_ranks(_collective_rounds, world, rank_order)
 
 
 def _payloads(rank, world):
@@ -89,12 +88,11 @@ def _payloads(rank, world):
     out = reduced.write(torch.empty(numel))
     assert bool(reduced.kept.all()) == (rank % 2 == 1)
     assert int((out != 0).sum()) == 100 and bool((out[1:200:2] == world // 2).all())
-    return True
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_payloads_send_what_lies_at_the_leaders_indices(world):
-    assert all(run_distributed(_payloads, world))
+    check_on_ranks(_payloads, world)
 
 
 def _hook_conserves(rank, world, compressor, density):
