@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from gradsparse.checks import check_int
-from gradsparse.ddp.state import STATE_FORMAT
+from gradsparse.engine.saving import STATE_FORMAT
 
 __all__ = ["reshard_states", "shares"]
 

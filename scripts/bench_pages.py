@@ -41,7 +41,8 @@ def command(folder: Path) -> str:
         r = rows[0]
         return (
             f"gradsparse-bench quality --optimizers {_joined([x['optimizer'] for x in rows])} "
-            f"--configs {_joined([x['config'] for x in rows])} --steps {r['steps']} --batch {r['batch']} "
+            f"--configs {_joined([x['optimizer'] + '/' + x['config'] for x in rows])} "
+            f"--steps {r['steps']} --batch {r['batch']} "
             f"--ranks {r['world']} {out}"
         )
     sparse = [r for r in rows if r["method"] == "sparse"]

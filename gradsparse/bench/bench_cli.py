@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--optimizers", default="adamw,sgd,sparse_adamw", help="some of adamw, sgd, sparse_adamw")
     qual.add_argument(
         "--configs", default="dense,topk:0.1,topk:0.01,topk:0.001,topk:0.01:shared_topk",
-        help="'dense' and COMPRESSOR:DENSITY[:COLLECTIVE], comma-separated",
+        help="'dense', 'none' and COMPRESSOR:DENSITY[:COLLECTIVE][+OPTION=VALUE...], comma-separated; "
+        "OPTIMIZER/CONFIG runs a config for that optimizer only",
     )  # fmt: skip
     qual.add_argument("--steps", type=int, default=600, help="training steps (the same for every run)")
     qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters per rank and step")

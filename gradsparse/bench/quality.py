@@ -35,7 +35,7 @@ from torch.nn import functional as F
 __all__ = ["OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
 
 #: optimizer name -> (peak learning rate, weight decay)
-OPTIMIZERS: Dict[str, Tuple[float, float]] = {"adamw": (3e-3, 0.1), "sgd": (0.3, 1e-4), "sparse_adamw": (3e-3, 0.1)}
+OPTIMIZERS: Dict[str, Tuple[float, float]] = {"adamw": (3e-3, 0.1), "sgd": (0.1, 1e-4), "sparse_adamw": (3e-3, 0.1)}
 
 
 def load_text() -> str:
@@ -234,12 +234,13 @@ def quality_bench(
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; expected some of {sorted(OPTIMIZERS)}")
-    runs = [
-        QualityRun(o, c, steps, batch)
-        for o in optimizers
-        for c in configs
-        if not (o == "sparse_adamw" and c == "dense")
-    ]
+    runs = []
+    for o in optimizers:
+        for c in configs:
+            only, _, config = c.rpartition("/")  # OPTIMIZER/CONFIG: for that optimizer only
+            if (only and only != o) or (o == "sparse_adamw" and config == "dense"):
+                continue
+            runs.append(QualityRun(o, config, steps, batch))
     for run in runs:
         run.hook()  # validate every config before the first run
     text = load_text()

@@ -161,7 +161,7 @@ def _leader_sum(mine: Any, grad: torch.Tensor, density: float) -> torch.Tensor:
     """The average of every rank's ``grad`` at rank 0's chosen indices (``mine`` on rank
     0, trimmed to its budget as the hook does)."""
     from gradsparse.compressors import k_for_density
-    from gradsparse.ddp.routes.shared_topk import trim
+    from gradsparse.engine.routes.shared_topk import trim
 
     chosen = torch.zeros(grad.numel(), dtype=torch.uint8)
     if dist.get_rank() == 0:

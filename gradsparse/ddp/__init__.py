@@ -1,28 +1,20 @@
-"""The sparse DDP communication hook: options, plans, policy, state and the hook's stages.
+"""The sparse DDP communication hook, over the engine (:mod:`gradsparse.engine`).
 
-One concern per module:
+============  ==================================================================
+``hook``      :func:`sparse_allreduce_hook`: DDP's bucket, or compiled DDP's parameter
+``register``  :func:`register_sparse_hook`: one line on a DDP model
+``sparse_gradient``  ``nn.Embedding(sparse=True)`` gradients, through DDP's sparse path
+============  ==================================================================
 
-=============  ==================================================================
-``options``    :class:`HookOptions`, the validated options
-``plan``       parameter names, bucket plans, gather/scatter, the weight-mask cache
-``policy``     :class:`Policy`: per bucket and step, dense or sparse, and why
-``selection``  compressor state keyed by parameter name (the select stage's state)
-``routes``     one object per route (dense, sparse, shared top-k), each owning its stages
-``stats``      :class:`HookStats`, cumulative counters
-``state``      :class:`SparseHookState`: options + stores + state_dict and pickling
-``hook``       the orchestrator: plan, route's stages, write back
-``register``   :func:`register_sparse_hook`
-=============  ==================================================================
+The engine's public types are re-exported here, where users of the hook look for them.
 """
 
 from __future__ import annotations
 
+from gradsparse.engine import BucketStep, Decision, HookOptions, Policy, Route, SparseHookState, register_route
+
 from .hook import sparse_allreduce_hook
-from .options import HookOptions
-from .policy import Decision, Policy
 from .register import register_sparse_hook
-from .routes import BucketStep, Route, register_route
-from .state import SparseHookState
 
 __all__ = [
     "BucketStep",

@@ -8,10 +8,10 @@ import torch
 
 from gradsparse import compressors as _compressors
 from gradsparse.compressors import Compressor
+from gradsparse.engine.options import HookOptions
+from gradsparse.engine.state import SparseHookState
 
 from .hook import sparse_allreduce_hook
-from .options import HookOptions
-from .state import SparseHookState
 
 __all__ = ["register_sparse_hook"]
 

@@ -6,8 +6,7 @@ import torch
 import torch.distributed as dist
 
 from gradsparse.comm import completed_future, ring_allreduce_bytes
-
-from .state import SparseHookState
+from gradsparse.engine.state import SparseHookState
 
 __all__ = ["sparse_gradient"]
 

@@ -30,8 +30,8 @@ import torch
 from gradsparse import compressors as _compressors
 from gradsparse.checks import check_named_parameters
 from gradsparse.compressors import Compressor
-from gradsparse.ddp import SparseHookState
-from gradsparse.ddp.hook import end_step, reduce_gradients
+from gradsparse.engine import SparseHookState
+from gradsparse.engine.reduce import end_step, reduce_gradients
 
 __all__ = ["DistributedOptimizer", "SparseDistributedOptimizer"]
 

@@ -9,7 +9,7 @@ from typing_extensions import assert_type
 import gradsparse as gs
 from gradsparse.comm import Backend, Collective, Reduced
 from gradsparse.compressors import Compressor
-from gradsparse.ddp.policy import Decision
+from gradsparse.engine.policy import Decision
 from gradsparse.error_feedback import ErrorFeedback
 
 

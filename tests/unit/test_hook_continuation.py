@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gradsparse.ddp import hook
+from gradsparse.engine import reduce as hook
 
 
 def _fail(_: torch.futures.Future) -> None:

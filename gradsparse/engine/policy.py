@@ -1,5 +1,5 @@
 """The one place that decides, per bucket and step, how a bucket travels: which route
-(:mod:`gradsparse.ddp.routes`), at which density, over which coordinates. It applies the
+(:mod:`gradsparse.engine.routes`), at which density, over which coordinates. It applies the
 dense steps (``start_step``), the density ramp, the dense steps of RigL mask regrowth,
 values only under weight masks, and whether the collective's cost model prefers dense.
 
@@ -49,7 +49,7 @@ class Policy:
     """Decides each bucket's route; remembers the counts ranks sent, per bucket.
 
     ``route`` names the route of the sparse steps (default: the one that serves the
-    collective, see :func:`gradsparse.ddp.routes.for_collective`); the dense steps take the
+    collective, see :func:`gradsparse.engine.routes.for_collective`); the dense steps take the
     ``dense`` route."""
 
     def __init__(

@@ -8,7 +8,7 @@
 ``shared_topk``     ``shared_topk``: one leader per round selects for every rank
 ==================  ================================================================
 
-The policy (``gradsparse.ddp.policy``) picks the route of each bucket. A new route is one
+The policy (``gradsparse.engine.policy``) picks the route of each bucket. A new route is one
 module: a :class:`Route` subclass decorated with ``@register_route("name")``, chosen with
 ``SparseHookState(route="name")`` (or claimed for a collective by its ``serves``).
 """

@@ -47,7 +47,7 @@ class SparseHookState:
             Without it, parameters are named in the order the hook first sees them.
         grad_scaler: a ``torch.amp.GradScaler``; residuals then follow loss-scale changes.
         masker: a :class:`~gradsparse.masking.WeightMasker`: masked coordinates are skipped.
-        route: the registered route of the sparse steps (see :mod:`gradsparse.ddp.routes`);
+        route: the registered route of the sparse steps (see :mod:`gradsparse.engine.routes`);
             default: the one that serves ``collective``.
     """
 

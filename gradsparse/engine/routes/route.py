@@ -2,7 +2,7 @@
 stage interface (:class:`Route`), and the registry of routes.
 
 A route is how one bucket travels in one step. It owns its stages, called in this order
-by the hook (``gradsparse.ddp.hook``), each a method of the route:
+by the hook (``gradsparse.engine.reduce``), each a method of the route:
 
 1. ``begin``: per-bucket bookkeeping before any work (shared top-k: this round's leader);
 2. ``compensate``: scan the bucket, add the error-feedback residual, restrict to the
