@@ -172,7 +172,7 @@ class SparseHookState:
         self.compiled_seen = set()
         logger.info("SparseHookState unpickled: it will use the default process group")
 
-    # Checkpointing (the format: gradsparse.ddp.saving) --------------------------------
+    # Checkpointing (the format: gradsparse.engine.saving) -----------------------------
 
     def state_dict(self) -> Dict[str, Any]:
         """Residuals, compressor state, step and statistics; tensors and plain values only,

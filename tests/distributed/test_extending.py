@@ -19,7 +19,7 @@ from torch.testing import assert_close
 
 import gradsparse as gs
 from gradsparse.compressors import k_for_density
-from gradsparse.ddp import routes
+from gradsparse.engine import routes
 
 from .harness import flat_params, run_distributed
 from .test_ddp_hook import loss_of, make_model
