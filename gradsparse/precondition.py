@@ -25,6 +25,7 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 
+from gradsparse.buffers import reusable
 from gradsparse.checks import check_probability
 
 __all__ = ["AdamPreconditioner"]
@@ -45,6 +46,7 @@ class AdamPreconditioner:
         self.eps = float(eps)
         self.second_moments: Dict[str, torch.Tensor] = {}
         self.steps: Dict[str, int] = {}
+        self._scratch: Dict[str, torch.Tensor] = {}  # the divisor's buffer per parameter
 
     def apply(self, segments: Sequence[Tuple[str, int, int]], buffer: torch.Tensor) -> None:
         """Update the second moment of each named ``(name, offset, numel)`` span of the flat
@@ -59,8 +61,14 @@ class AdamPreconditioner:
                 self.steps[name] = 0
             self.steps[name] += 1
             v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            denom = v.div(1.0 - beta2 ** self.steps[name]).sqrt_().add_(self.eps)
+            denom = reusable(self._scratch, name, grad.shape, grad)  # no allocation per step
+            torch.div(v, 1.0 - beta2 ** self.steps[name], out=denom).sqrt_().add_(self.eps)
             grad.div_(denom)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_scratch"] = {}  # as big as the moments
+        return state
 
     def state_dict(self) -> Dict[str, Any]:
         return {
