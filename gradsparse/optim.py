@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 
 import torch
 
-from gradsparse.checks import check_probability
+from gradsparse.checks import check_nonnegative, check_probability
 from gradsparse.ddp import SparseHookState
 from gradsparse.precondition import AdamPreconditioner
 
@@ -53,13 +53,11 @@ class SparseAdamW(torch.optim.Optimizer):
         *,
         hook: SparseHookState,
     ) -> None:
-        if not isinstance(lr, (int, float)) or not lr >= 0:
-            raise ValueError(f"Expected argument `lr` to be a non-negative float, but got {lr!r}.")
+        check_nonnegative("lr", lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Expected argument `betas` to be a pair of floats in [0, 1), but got {betas!r}.")
         check_probability("betas[0]", betas[0])
-        if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
-            raise ValueError(f"Expected argument `weight_decay` to be a non-negative float, but got {weight_decay!r}.")
+        check_nonnegative("weight_decay", weight_decay)
         if not isinstance(hook, SparseHookState):
             raise ValueError(
                 "Expected argument `hook` to be the SparseHookState registered on the model "

@@ -26,7 +26,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 
 from gradsparse.buffers import reusable
-from gradsparse.checks import check_probability
+from gradsparse.checks import check_nonnegative, check_probability
 
 __all__ = ["AdamPreconditioner"]
 
@@ -41,9 +41,7 @@ class AdamPreconditioner:
 
     def __init__(self, beta2: float = 0.999, eps: float = 1e-8) -> None:
         self.beta2 = check_probability("beta2", beta2)
-        if not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"Expected argument `eps` to be a positive float, but got {eps!r}.")
-        self.eps = float(eps)
+        self.eps = check_nonnegative("eps", eps, positive=True)
         self.second_moments: Dict[str, torch.Tensor] = {}
         self.steps: Dict[str, int] = {}
         self._scratch: Dict[str, torch.Tensor] = {}  # the divisor's buffer per parameter
