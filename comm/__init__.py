@@ -14,12 +14,16 @@ accounting. They know nothing about compressors or hooks.
 ``auto``               the fastest of the exact ones under a measured alpha-beta model
 =====================  ==========================================================
 
+``fixed`` holds the fixed-size messages of the hook's sync-free device route (equal-size
+allgather and broadcast only, flags in the messages, no count read on the host).
+
 Backends: :class:`TorchDistBackend` (any process group), ``MPIBackend`` (mpi4py) and
 ``HorovodBackend`` (Horovod's collectives), the last two imported on first use.
 """
 
 from __future__ import annotations
 
+from . import fixed
 from .auto import AutoCollective
 from .backend import Backend, CommStats, TorchDistBackend, binomial_sends, completed_future, ring_allreduce_bytes
 from .collectives import (
@@ -61,6 +65,7 @@ __all__ = [
     "SplitAllgatherCollective",
     "TorchDistBackend",
     "allreduce_ordered",
+    "fixed",
     "available",
     "binomial_sends",
     "build",

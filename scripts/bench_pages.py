@@ -37,6 +37,8 @@ def command(folder: Path) -> str:
         return ""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     out = f"--out {folder.relative_to(ROOT)}"
+    if rows and "table" in rows[0]:  # scripts/gpu-check (its gpu_check.py writes the rows)
+        return "scripts/gpu-check"
     if rows and "val_loss" in rows[0]:  # gradsparse-bench quality
         r = rows[0]
         return (

@@ -20,11 +20,13 @@ from .sparse_gradient import sparse_gradient
 __all__ = ["sparse_allreduce_hook"]
 
 
+@torch.compiler.disable
 def _compiled_step(state: SparseHookState, grad: Any, param: Any) -> torch.futures.Future[torch.Tensor]:
     """Compiled DDP (``optimize_ddp="python_reducer"`` with compiled autograd) calls the hook
     once per parameter as ``hook(state, (param.grad, param))`` and ignores what it returns:
     the parameter is reduced as with ``scope="layer"`` and ``param.grad`` written in place.
-    A step ends when a parameter comes round again."""
+    A step ends when a parameter comes round again. Dynamo does not trace in (the hook's
+    CPU kernels are numba's, its collectives gloo's): the backward graph calls it as it is."""
     if not isinstance(grad, torch.Tensor) or not isinstance(param, torch.Tensor):
         raise TypeError(
             "sparse_allreduce_hook takes a DDP GradBucket, or (gradient, parameter) as compiled DDP passes "

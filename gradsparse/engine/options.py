@@ -33,6 +33,11 @@ class HookOptions:
         warmup_initial_density: where the density ramp starts.
         scope: ``"bucket"`` or ``"layer"`` (see :data:`SCOPES`).
         log_every: a one-line summary on rank 0 every this many steps (0: never).
+        sync_free: the sync-free device route (:mod:`gradsparse.engine.routes.device`):
+            ``None`` (default) takes it for CUDA gradients whenever the compressor and the
+            collective allow (``topk``, ``sampled_topk``, ``randomk`` over ``allgather`` or
+            ``shared_topk``); ``True`` takes it on any device (and refuses what it cannot
+            carry); ``False`` never.
     """
 
     error_feedback: bool = True
@@ -43,6 +48,7 @@ class HookOptions:
     warmup_initial_density: float = 0.25
     scope: str = "bucket"
     log_every: int = 0
+    sync_free: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.error_feedback, bool):
@@ -56,6 +62,8 @@ class HookOptions:
         check_density("warmup_initial_density", self.warmup_initial_density)
         check_choice("scope", self.scope, SCOPES)
         check_int("log_every", self.log_every)
+        if self.sync_free is not None and not isinstance(self.sync_free, bool):
+            raise ValueError(f"Expected argument `sync_free` to be True, False or None, but got {self.sync_free!r}.")
 
     @classmethod
     def names(cls) -> Set[str]:

@@ -22,6 +22,7 @@ from . import routes
 from .options import HookOptions
 from .plan import BucketPlan
 from .routes import Route
+from .routes import device as device_route
 
 __all__ = ["HOOK_PASSES", "Decision", "Policy"]
 
@@ -52,6 +53,8 @@ class Policy:
     collective, see :func:`gradsparse.engine.routes.for_collective`); the dense steps take the
     ``dense`` route."""
 
+    device: Optional[Route] = None  # for policies pickled before the device route existed
+
     def __init__(
         self,
         compressor: Compressor,
@@ -67,6 +70,17 @@ class Policy:
         self.dense: Route = routes.build("dense")
         self.route: Route = routes.build(route if route is not None else routes.for_collective(collective))
         self.route.check(compressor)
+        #: the sync-free device route, when it may be taken (see ``HookOptions.sync_free``)
+        self.device: Optional[Route] = None
+        if options.sync_free is not False and route is None and device_route.supports(compressor, collective):
+            self.device = routes.build("device")
+        elif options.sync_free:
+            raise ValueError(
+                "Argument `sync_free=True` needs a fixed-budget compressor "
+                f"({', '.join(device_route.FIXED_BUDGET)}) and the collective "
+                f"{' or '.join(repr(c) for c in device_route.COLLECTIVES)}, and no `route`; got compressor "
+                f"{compressor.name!r}, collective {type(collective).__name__}, route {route!r}."
+            )
         self._ramped: Dict[float, Compressor] = {}
         self._mean_counts: Dict[str, float] = {}
 
@@ -99,7 +113,10 @@ class Policy:
         budget = k_for_density(getattr(compressor, "density"), work) if compressor.density_based else None  # noqa: B009
         if work and self._link_prefers_dense(compressor, plan.key, work, budget, like.element_size(), backend):
             return Decision(self.dense, compressor, masked, work, "cost model", budget)
-        return Decision(self.route, compressor, masked, work, self.route.name, budget)
+        chosen = self.route
+        if self.device is not None and (self.options.sync_free or like.is_cuda):
+            chosen = self.device
+        return Decision(chosen, compressor, masked, work, chosen.name, budget)
 
     def _link_prefers_dense(
         self, compressor: Compressor, key: str, numel: int, budget: Optional[int], itemsize: int, backend: Backend

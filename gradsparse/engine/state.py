@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class SparseHookState:
     """State of :func:`~gradsparse.sparse_allreduce_hook`. The hook options (``error_feedback``,
     ``momentum``, ``min_compress_numel``, ``start_step``, ``density_warmup_steps``,
-    ``warmup_initial_density``, ``scope``, ``log_every``) are :class:`HookOptions`'s.
+    ``warmup_initial_density``, ``scope``, ``log_every``, ``sync_free``) are :class:`HookOptions`'s.
 
     Args:
         compressor: a :class:`~gradsparse.compressors.Compressor`, or a registered name
@@ -71,14 +71,14 @@ class SparseHookState:
         grad_scaler: Optional[Any] = None,
         masker: Optional[WeightMasker] = None,
         log_every: int = 0,
+        sync_free: Optional[bool] = None,
         route: Optional[str] = None,
     ) -> None:
-        # Configuration -------------------------------------------------------------------
         self.compressor: Compressor = _compressor(compressor)
         self.options = HookOptions(
             error_feedback=error_feedback, momentum=momentum, min_compress_numel=min_compress_numel,
             start_step=start_step, density_warmup_steps=density_warmup_steps,
-            warmup_initial_density=warmup_initial_density, scope=scope, log_every=log_every,
+            warmup_initial_density=warmup_initial_density, scope=scope, log_every=log_every, sync_free=sync_free,
         )  # fmt: skip
         if masker is not None and not isinstance(masker, WeightMasker):
             raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")

@@ -17,6 +17,7 @@ from gradsparse.checks import check_probability
 from gradsparse.payload import SparsePayload
 from gradsparse.store import Layout, ParamStore, spans
 
+from .fused import update_unless
 from .loss_scale import LossScales
 from .momentum import MomentumCorrection
 from .residuals import Residuals
@@ -110,28 +111,32 @@ class ErrorFeedback:
         new_velocity: Optional[torch.Tensor] = None,
         keep: Collection[str] = (),
         swap: bool = False,
+        unless: Optional[torch.Tensor] = None,
     ) -> None:
         """Keep what ``payload`` did not send. ``compensated`` must still hold the values
         that :meth:`compensate` produced, and ``new_velocity`` what it returned; with
         ``swap``, it is the spare buffer that :meth:`compensate_scan` wrote
-        (``ScanResult.in_spare``), which becomes the residual without a copy."""
+        (``ScanResult.in_spare``), which becomes the residual without a copy. ``unless``: a
+        device flag that keeps the state as it was, decided without a host read."""
         sent = payload.indices.long()
         names = [name for name, _ in layout]
-        if swap:
+        held: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        if unless is not None:
+            update_unless(self, layout, compensated, sent, new_velocity, unless, swap or bool(keep))
+        elif swap:
             if self.correction is not None or not self.memory.is_spare(layout, compensated):
                 raise ValueError("update(swap=True) takes the spare buffer that compensate_scan() wrote")
             compensated.index_fill_(0, sent, 0)
             for start, end in spans(layout, keep):
                 compensated[start:end] = self.memory.flat(layout, compensated)[start:end]
             self.memory.swap_in(layout, compensated)
-            held: List[Tuple[torch.Tensor, torch.Tensor]] = []
         else:
             held = self._held(layout, compensated, keep)
             residual = self.memory.flat(layout, compensated)
             residual.copy_(compensated)
             residual.index_fill_(0, sent, 0)
         self.memory.mark(names, zero=False)
-        if self.correction is not None:
+        if self.correction is not None and unless is None:
             if new_velocity is None:
                 raise ValueError("momentum correction needs the `new_velocity` that compensate() returned")
             self.correction.commit(layout, new_velocity, sent)

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 
-from gradsparse import kernels
+from gradsparse import kernels, triton_kernels
 from gradsparse.payload import Candidates
 from gradsparse.store import Layout, spans
 
 if TYPE_CHECKING:
     from . import ErrorFeedback
 
-__all__ = ["ScanResult", "can_fuse", "compensate_scan", "compensated_at"]
+__all__ = ["ScanResult", "can_fuse", "compensate_on_device", "compensate_scan", "compensated_at", "update_unless"]
 
 
 @dataclass(frozen=True)
@@ -91,3 +91,54 @@ def compensate_scan(
             large = large[(large < start) | (large >= end)]
     candidates = None if large is None or floor is None else Candidates(floor, large)
     return ScanResult(found.finite, idle, candidates, compensated, in_spare=into is not None)
+
+
+def compensate_on_device(
+    feedback: ErrorFeedback,
+    layout: Layout,
+    grad: torch.Tensor,
+    magnitude: torch.Tensor,
+    flag: torch.Tensor,
+    scale: float = 1.0,
+) -> Optional[Tuple[Optional[torch.Tensor]]]:
+    """:meth:`ErrorFeedback.compensate` as one Triton pass
+    (:func:`gradsparse.triton_kernels.compensate`), which also writes ``|compensated|``
+    into ``magnitude`` and raises the int32 ``flag[0]`` on a non-finite value, on the
+    device. Returns ``(new_velocity,)`` as :meth:`ErrorFeedback.compensate` returns it, or
+    None when the kernel does not apply (no Triton, not CUDA float32): nothing was done."""
+    if not triton_kernels.usable(grad):
+        return None
+    feedback.loss_scales.rescale(layout, feedback.stores(), grad, scale)
+    residual = None if feedback.memory.is_zero(layout) else feedback.memory.flat(layout, grad)
+    velocity = new_velocity = None
+    if feedback.correction is not None:
+        velocity = feedback.correction.velocity.flat(layout, grad)
+        new_velocity = torch.empty_like(grad)
+    flag.zero_()
+    triton_kernels.compensate(grad, residual, magnitude, flag, velocity, new_velocity, feedback.momentum)
+    return (new_velocity,)
+
+
+def update_unless(
+    feedback: ErrorFeedback,
+    layout: Layout,
+    compensated: torch.Tensor,
+    sent: torch.Tensor,
+    new_velocity: Optional[torch.Tensor],
+    unless: torch.Tensor,
+    swap_or_keep: bool = False,
+) -> None:
+    """:meth:`ErrorFeedback.update` (``unless=``): the update, or none when the device flag
+    ``unless`` is set, selected by ``torch.where`` on the device (one pass per state
+    tensor), so that no host read decides it."""
+    if swap_or_keep:
+        raise ValueError("update(unless=...) takes neither `swap` nor `keep`")
+    targets = [(feedback.memory.flat(layout, compensated), compensated)]
+    if feedback.correction is not None:
+        if new_velocity is None:
+            raise ValueError("momentum correction needs the `new_velocity` that compensate() returned")
+        targets.append((feedback.correction.velocity.flat(layout, new_velocity), new_velocity))
+    for state, new in targets:
+        torch.where(unless, state, new, out=state)
+        at_sent = state.index_select(0, sent)
+        state.index_copy_(0, sent, torch.where(unless, at_sent, torch.zeros_like(at_sent)))

@@ -85,11 +85,16 @@ def test_sparse_embedding_gradients_equal_ddp():
 # --- compiled DDP: hook(state, (param.grad, param)) ------------------------------------------
 
 
-def _compiled(rank, world, compressor, params):
+def _compiled(rank, world, compressor, params, spelling):
+    """Compiled DDP in the two spellings users write: the config flag with the eager
+    backend, or compiled autograd entered with an AOT backend (which traces the backward,
+    and would trace into the hook's compiled kernels but for ``torch.compiler.disable``)."""
+    import contextlib
+
     import torch._dynamo
+    from torch._dynamo import compiled_autograd
 
     torch._dynamo.config.optimize_ddp = "python_reducer"
-    torch._dynamo.config.compiled_autograd = True
     torch._dynamo.reset()
     results = []
     for hook in (None, compressor):
@@ -98,11 +103,18 @@ def _compiled(rank, world, compressor, params):
         state = None
         if hook is not None:
             state = gs.register_sparse_hook(ddp, hook, min_compress_numel=0, **params)
-        compiled = torch.compile(ddp, backend="eager")
+        if spelling == "config":
+            torch._dynamo.config.compiled_autograd = True
+            compiled, entered = torch.compile(ddp, backend="eager"), contextlib.nullcontext()
+        else:
+            torch._dynamo.config.compiled_autograd = False
+            compiled = torch.compile(ddp, backend="aot_eager")
+            entered = compiled_autograd._enable(torch.compile(backend="aot_eager"))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(3):
             opt.zero_grad()
-            loss_of(compiled, rank, step).backward()
+            with entered if step == 0 else _reenter(spelling):
+                loss_of(compiled, rank, step).backward()
             opt.step()
         results.append((flat_params(model), state))
     (eager_like, _), (sparse, state) = results
@@ -112,12 +124,29 @@ def _compiled(rank, world, compressor, params):
     return eager_like, sparse, names, state.step
 
 
+def _reenter(spelling):
+    import contextlib
+
+    import torch._dynamo
+    from torch._dynamo import compiled_autograd
+
+    if spelling == "config":
+        return contextlib.nullcontext()
+    return compiled_autograd._enable(torch.compile(backend="aot_eager"))
+
+
+@pytest.mark.parametrize("spelling", ["config", "enable"])
 @pytest.mark.parametrize(
     "compressor,params",
-    [("none", {}), ("topk", {"density": 0.05}), ("topk", {"density": 0.05, "collective": "shared_topk"})],
+    [
+        ("none", {}),
+        ("topk", {"density": 0.05}),
+        ("topk", {"density": 0.05, "collective": "shared_topk"}),
+        ("topk", {"density": 0.05, "sync_free": True}),
+    ],
 )
-def test_compiled_ddp_calls_the_hook_per_parameter(compressor, params):
-    (eager_like, sparse, names, steps), _ = run_distributed(_compiled, 2, compressor, params)
+def test_compiled_ddp_calls_the_hook_per_parameter(compressor, params, spelling):
+    (eager_like, sparse, names, steps), _ = run_distributed(_compiled, 2, compressor, params, spelling)
     if compressor == "none":  # every entry sent: DDP's own average
         assert_close(sparse, eager_like, rtol=1e-6, atol=1e-7)
     else:

@@ -6,6 +6,7 @@
 ``dense``           ``dense``: the whole region by allreduce (dense steps, cost model)
 ``sparse``          ``sparse``: every rank selects, the collective sums the payloads
 ``shared_topk``     ``shared_topk``: one leader per round selects for every rank
+``device``          ``device``: fixed-size messages, no host read (GPUs; ``sync_free``)
 ==================  ================================================================
 
 The policy (``gradsparse.engine.policy``) picks the route of each bucket. A new route is one
@@ -16,6 +17,7 @@ module: a :class:`Route` subclass decorated with ``@register_route("name")``, ch
 from __future__ import annotations
 
 from .dense import DenseRoute
+from .device import DeviceRoute
 from .route import BucketStep, Route, available, build, for_collective, register_route, registry
 from .shared_topk import SharedTopkRoute
 from .sparse import SparseRoute
@@ -23,6 +25,7 @@ from .sparse import SparseRoute
 __all__ = [
     "BucketStep",
     "DenseRoute",
+    "DeviceRoute",
     "Route",
     "SharedTopkRoute",
     "SparseRoute",

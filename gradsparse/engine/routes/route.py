@@ -59,6 +59,9 @@ class BucketStep:
     idle: Tuple[str, ...] = ()  # parameters that received no gradient: their state is kept
     failure: Optional[BaseException] = None  # raised by this rank's compensate or select
     leader: Optional[int] = None  # shared top-k: the rank that selects for this bucket
+    #: device route: ``|values|`` and an int32 non-finite flag, from its fused pass
+    magnitudes: Optional[torch.Tensor] = None
+    flag: Optional[torch.Tensor] = None
     sent_at: float = 0.0
 
 

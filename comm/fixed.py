@@ -1,0 +1,145 @@
+"""Fixed-size sparse messages, for devices where the host must not wait (GPUs, NCCL).
+
+Every rank sends exactly k values (and, unless the indices are shared, k indices), with a
+header of three int64 words: a flag word and the (numel, k) the sender used. Everything
+travels in one byte tensor of a size every rank knows, by an equal-size allgather (shared
+indices by a broadcast), so no count is read on the host and NCCL can carry it.
+
+A receiver never branches on the flags on the host. :func:`gather_fixed` hands back
+``bad``, a boolean tensor on the device (any rank non-finite, failed, or sending for another
+(numel, k)); :meth:`Gathered.write` writes NaN everywhere when it is set, by a fill from a
+device scalar; :class:`FlagCopy` brings the flags to the host by a copy that is read only
+once it has completed.
+
+Sums are formed in rank order from the gathered messages, so every rank gets the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from gradsparse.buffers import reusable
+
+from .backend import Backend
+
+__all__ = ["FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "gather_fixed"]
+
+#: bits of the flag word; MISMATCHED is set by the receiver
+NONFINITE, FAILED, MISMATCHED = 1, 2, 4
+_HEADER_BYTES = 24  # flags, numel, k
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 7) // 8 * 8
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Gathered:
+    """Every rank's message of one bucket, as views of the gathered bytes."""
+
+    bad: torch.Tensor  # 0-dim bool on the device: some rank's flag word is not zero
+    flags: torch.Tensor  # (P,) int64 flag words, MISMATCHED added by this receiver
+    values: List[torch.Tensor]  # per rank, k values
+    indices: List[torch.Tensor]  # per rank, k indices (empty when the indices are shared)
+
+    def write(self, out: torch.Tensor, scale: float, shared: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale`` times the sum into the flat ``out`` (zero elsewhere), in rank order;
+        NaN everywhere when :attr:`bad`. ``shared``: the indices every rank sent at."""
+        poison = torch.where(self.bad, float("nan"), 0.0).to(out.dtype)
+        out.copy_(poison.expand(out.shape))
+        if shared is None:
+            for idx, vals in zip(self.indices, self.values):
+                out.index_add_(0, idx, vals, alpha=scale)
+        elif self.values:
+            total = self.values[0].clone()
+            for vals in self.values[1:]:
+                total.add_(vals)
+            out.index_add_(0, shared, total, alpha=scale)
+        return out
+
+
+def _header_constants(context: Dict[str, Any], numel: int, k: int, device: torch.device) -> torch.Tensor:
+    """The (numel, k) header words, made once per bucket layout: no host-to-device copy per step."""
+    key = f"fixed_header:{numel}:{k}:{device}"
+    if key not in context:
+        context[key] = torch.tensor([numel, k], dtype=torch.int64, device=device)
+    words: torch.Tensor = context[key]
+    return words
+
+
+def broadcast_indices(backend: Backend, indices: torch.Tensor, leader: int) -> None:
+    """The leader's k indices into ``indices`` on every rank (a fixed-size broadcast)."""
+    if indices.numel():
+        backend.broadcast(indices, leader).wait()
+
+
+def gather_fixed(
+    backend: Backend,
+    values: torch.Tensor,
+    indices: Optional[torch.Tensor],
+    flag: torch.Tensor,
+    numel: int,
+    context: Dict[str, Any],
+) -> torch.futures.Future[Gathered]:
+    """Allgather every rank's k ``values`` and (``indices`` not None) k indices into a
+    tensor of ``numel``, with the 0-dim int64 device tensor ``flag`` as the flag word.
+    ``context`` keeps the message buffer and the header words from one step to the next."""
+    k, dtype, device = values.numel(), values.dtype, values.device
+    index_dtype = indices.dtype if indices is not None else torch.int32
+    value_bytes = _aligned(k * values.element_size())
+    index_bytes = 0 if indices is None else k * _itemsize(index_dtype)
+    size = _HEADER_BYTES + value_bytes + _aligned(index_bytes)
+    message = reusable(context, "fixed_message", size, values, torch.uint8)
+    header = message[:_HEADER_BYTES].view(torch.int64)
+    header[0:1].copy_(flag.view(1))
+    header[1:].copy_(_header_constants(context, numel, k, device))
+    message[_HEADER_BYTES : _HEADER_BYTES + k * values.element_size()].view(dtype).copy_(values)
+    if indices is not None:
+        start = _HEADER_BYTES + value_bytes
+        message[start : start + index_bytes].view(index_dtype).copy_(indices)
+    world = backend.size
+
+    def unpack(fut: torch.futures.Future[torch.Tensor]) -> Gathered:
+        rows = fut.value().view(world, size)
+        words = rows[:, :_HEADER_BYTES].view(torch.int64)
+        mismatch = (words[:, 1:] != _header_constants(context, numel, k, device)).any(dim=1)
+        flags = words[:, 0] | (mismatch.to(torch.int64) * MISMATCHED)
+        end = _HEADER_BYTES + k * values.element_size()
+        gathered_values = [rows[r, _HEADER_BYTES:end].view(dtype) for r in range(world)]
+        gathered_indices: List[torch.Tensor] = []
+        if indices is not None:
+            at = _HEADER_BYTES + value_bytes
+            gathered_indices = [rows[r, at : at + index_bytes].view(index_dtype) for r in range(world)]
+        return Gathered((flags != 0).any(), flags, gathered_values, gathered_indices)
+
+    return backend.allgather(message).then(unpack)
+
+
+class FlagCopy:
+    """Every rank's flag words on their way to the host: a copy that is read only once it
+    has completed (a CUDA event's ``query()``), so reading never waits for the device."""
+
+    def __init__(self, flags: torch.Tensor, step: int) -> None:
+        self.step = step
+        self.event: Optional[torch.cuda.Event] = None
+        if flags.is_cuda:
+            self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            self.host.copy_(flags, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flags.clone()
+
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def read(self) -> List[int]:
+        """The words (call once :meth:`ready`); numpy reads the host memory directly."""
+        return [int(w) for w in self.host.numpy()]
