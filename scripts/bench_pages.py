@@ -39,6 +39,11 @@ def command(folder: Path) -> str:
     out = f"--out {folder.relative_to(ROOT)}"
     if rows and "table" in rows[0]:  # scripts/gpu-check (its gpu_check.py writes the rows)
         return "scripts/gpu-check"
+    if rows and "profiled_ms" in rows[0]:  # scripts/profile_step.py
+        return (
+            f"python scripts/profile_step.py --models {_joined([r['model'] for r in rows])} "
+            f"--collectives {_joined([r['collective'] for r in rows])} {out}"
+        )
     if rows and "val_loss" in rows[0]:  # gradsparse-bench quality
         r = rows[0]
         return (

@@ -17,6 +17,7 @@ import torch
 
 from gradsparse.comm import PeerError, ring_allreduce_bytes
 from gradsparse.payload import SparsePayload
+from gradsparse.timing import stage
 
 from .routes import BucketStep
 from .state import SparseHookState
@@ -92,8 +93,12 @@ def finish(
     arrived = time.perf_counter()
     counters, route = state.counters, step.decision.route
     counters.communicate_s += arrived - step.sent_at
-    finite = route.commit(state, step, values[0])
-    write(state, step, route.decode(state, step, values[0]), values[1] if len(values) > 1 else None)
+    with stage("commit"):
+        finite = route.commit(state, step, values[0])
+    with stage("decode"):
+        averaged = route.decode(state, step, values[0])
+    with stage("write"):
+        write(state, step, averaged, values[1] if len(values) > 1 else None)
     counters.compressible += step.decision.work_numel
     counters.nonfinite_buckets += int(not finite)
     counters.decompress_s += time.perf_counter() - arrived
@@ -116,14 +121,18 @@ def reduce_gradients(
     the buffer, averaged across ranks, once the continuation has written it. Every rank must
     call it for the same parameters in the same order."""
     before = state.backend.stats.as_dict()
-    step = prepare(state, buffer, params)
+    with stage("prepare"):
+        step = prepare(state, buffer, params)
     try:
-        step.decision.route.compensate(state, step)
-        step.decision.route.select(state, step)
+        with stage("compensate"):
+            step.decision.route.compensate(state, step)
+        with stage("select"):
+            step.decision.route.select(state, step)
     except Exception as exc:  # tell the peers before raising, so that nobody hangs
         step.failure = exc
     state.counters.compress_s += time.perf_counter() - step.started
-    futures = _communicate(state, step)
+    with stage("communicate"):
+        futures = _communicate(state, step)
     dense_bytes = ring_allreduce_bytes(buffer.numel(), buffer.element_size(), state.backend.size)
     state.counters.add_traffic(before, state.backend.stats.as_dict(), dense_bytes)
     return torch.futures.collect_all(futures).then(lambda done: finish(state, step, futures, done))
