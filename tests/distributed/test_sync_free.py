@@ -320,4 +320,4 @@ def _mismatched_sizes(rank, world):
 def test_a_peer_sending_for_another_size_stops_every_rank():
     for bad, all_nan, error in run_distributed(_mismatched_sizes, 3):
         assert bad and all_nan
-        assert "another bucket layout at step 7" in error, error
+        assert "another bucket layout" in error and "at step 7" in error, error

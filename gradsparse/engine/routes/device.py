@@ -201,20 +201,18 @@ def act_on_flags(pending: List[fixed.FlagCopy], state: SparseHookState) -> None:
         flags = pending.pop(0)
         words = flags.read()
         state.counters.nonfinite_buckets += int(any(w & fixed.NONFINITE for w in words))
-        failed = [r for r, w in enumerate(words) if w & fixed.FAILED]
-        if failed:
-            pending.clear()
-            raise PeerError(
-                f"rank(s) {failed} failed to compress their gradients at step {flags.step} (sync-free route); "
-                "their sums were NaN on every rank"
-            )
-        mismatched = [r for r, w in enumerate(words) if w & fixed.MISMATCHED]
-        if mismatched:
-            pending.clear()
-            raise PeerError(
-                f"rank(s) {mismatched} sent a message for another bucket layout at step {flags.step}: "
-                "the ranks' models or bucket orders differ"
-            )
+        for bit, what in _FATAL:
+            ranks = [r for r, w in enumerate(words) if w & bit]
+            if ranks:
+                pending.clear()
+                raise PeerError(f"rank(s) {ranks} {what} at step {flags.step} (sync-free route)")
+
+
+#: flag bits that stop every rank, and what they mean
+_FATAL = (
+    (fixed.FAILED, "failed to compress their gradients (the sums are NaN on every rank)"),
+    (fixed.MISMATCHED, "sent a message for another bucket layout (the ranks' models or bucket orders differ)"),
+)
 
 
 def stratified_indices(
