@@ -36,10 +36,6 @@ def _aligned(nbytes: int) -> int:
     return (nbytes + 7) // 8 * 8
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @dataclass
 class Gathered:
     """Every rank's message of one bucket, as views of the gathered bytes."""
@@ -94,7 +90,7 @@ def gather_fixed(
     k, dtype, device = values.numel(), values.dtype, values.device
     index_dtype = indices.dtype if indices is not None else torch.int32
     value_bytes = _aligned(k * values.element_size())
-    index_bytes = 0 if indices is None else k * _itemsize(index_dtype)
+    index_bytes = 0 if indices is None else k * index_dtype.itemsize
     size = _HEADER_BYTES + value_bytes + _aligned(index_bytes)
     message = reusable(context, "fixed_message", size, values, torch.uint8)
     header = message[:_HEADER_BYTES].view(torch.int64)

@@ -26,8 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-           "aten::unique_consecutive", "aten::repeat_interleave", "aten::item")  # fmt: skip
+from gradsparse.engine.routes.device import HOST_SYNCING_OPS
 
 
 def _model(device: str) -> nn.Module:
@@ -124,7 +123,7 @@ def _step_worker(rank: int, world: int, workdir: str, backend: str, mode: str, s
         config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], experimental_config=config) as p:
             ddp(torch.randn(64, 512)).pow(2).mean().backward()
-        syncs = sorted(e.name for e in p.events() if e.name in SYNCING)
+        syncs = sorted(e.name for e in p.events() if e.name in HOST_SYNCING_OPS)
     started = time.perf_counter()
     for i in range(steps):
         step(i)

@@ -12,7 +12,8 @@ other and with the profiled step, not with the unprofiled one).
     python scripts/profile_step.py --models gpt2,resnet --out docs/bench/profile
 """
 
-# No `from __future__ import annotations`: DDP checks a hook's annotations as objects.
+from __future__ import annotations
+
 import argparse
 import collections
 import datetime
@@ -27,14 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
 
 STAGES = ("prepare", "compensate", "select", "communicate", "commit", "decode", "write")
-
-
-def _noop(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
 
 
 def _worker(rank: int, world: int, workdir: str, model_name: str, method: str, steps: int) -> None:
@@ -51,7 +47,7 @@ def _worker(rank: int, world: int, workdir: str, model_name: str, method: str, s
     model = spec.build()
     ddp = nn.parallel.DistributedDataParallel(model)
     if method == "noop":
-        ddp.register_comm_hook(None, _noop)
+        ddp.register_comm_hook(None, debugging_hooks.noop_hook)
     else:
         gs.register_sparse_hook(ddp, "topk", density=0.01, collective=method)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -6,24 +6,15 @@
 ``sparse_gradient``  ``nn.Embedding(sparse=True)`` gradients, through DDP's sparse path
 ============  ==================================================================
 
-The engine's public types are re-exported here, where users of the hook look for them.
+The hook's state and options are re-exported here, where users of the hook look for them;
+routes and the policy are :mod:`gradsparse.engine`'s.
 """
 
 from __future__ import annotations
 
-from gradsparse.engine import BucketStep, Decision, HookOptions, Policy, Route, SparseHookState, register_route
+from gradsparse.engine import HookOptions, SparseHookState
 
 from .hook import sparse_allreduce_hook
 from .register import register_sparse_hook
 
-__all__ = [
-    "BucketStep",
-    "Decision",
-    "HookOptions",
-    "Policy",
-    "Route",
-    "SparseHookState",
-    "register_route",
-    "register_sparse_hook",
-    "sparse_allreduce_hook",
-]
+__all__ = ["HookOptions", "SparseHookState", "register_sparse_hook", "sparse_allreduce_hook"]

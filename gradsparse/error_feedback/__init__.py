@@ -122,7 +122,7 @@ class ErrorFeedback:
         names = [name for name, _ in layout]
         held: List[Tuple[torch.Tensor, torch.Tensor]] = []
         if unless is not None:
-            update_unless(self, layout, compensated, sent, new_velocity, unless, swap or bool(keep))
+            update_unless(self, layout, compensated, sent, new_velocity, unless, swap=swap, keep=keep)
         elif swap:
             if self.correction is not None or not self.memory.is_spare(layout, compensated):
                 raise ValueError("update(swap=True) takes the spare buffer that compensate_scan() wrote")

@@ -10,7 +10,7 @@ candidate floor, so that selection reads only those."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Collection, Dict, Optional, Tuple
 
 import torch
 
@@ -126,12 +126,14 @@ def update_unless(
     sent: torch.Tensor,
     new_velocity: Optional[torch.Tensor],
     unless: torch.Tensor,
-    swap_or_keep: bool = False,
+    *,
+    swap: bool = False,
+    keep: Collection[str] = (),
 ) -> None:
     """:meth:`ErrorFeedback.update` (``unless=``): the update, or none when the device flag
     ``unless`` is set, selected by ``torch.where`` on the device (one pass per state
     tensor), so that no host read decides it."""
-    if swap_or_keep:
+    if swap or keep:
         raise ValueError("update(unless=...) takes neither `swap` nor `keep`")
     targets = [(feedback.memory.flat(layout, compensated), compensated)]
     if feedback.correction is not None:

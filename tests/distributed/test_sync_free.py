@@ -14,12 +14,9 @@ from torch.testing import assert_close
 
 import gradsparse as gs
 from gradsparse.comm import TorchDistBackend
+from gradsparse.engine.routes.device import HOST_SYNCING_OPS
 
 from .harness import check_on_ranks, gather_all, run_distributed
-
-#: ops that read a device value on the host (or need to: their output size depends on it)
-SYNCING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-           "aten::unique_consecutive", "aten::repeat_interleave", "aten::item")  # fmt: skip
 
 
 def _own_choice(compensated: torch.Tensor, compressor: str, k: int) -> torch.Tensor:
@@ -150,7 +147,7 @@ def _syncing_ops(rank, world, collective):
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
     names = [e.name for e in prof.events()]
-    syncing = sorted({n for n in names if n in SYNCING})
+    syncing = sorted({n for n in names if n in HOST_SYNCING_OPS})
     hook_ran = any("index_add" in n for n in names) and state.counters.selected > 0
     assert state.policy.device is not None
     copies = gather_all(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
@@ -177,7 +174,7 @@ def _syncing_route_for_contrast(rank, world):
     config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
     with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
         ddp(x).pow(2).mean().backward()
-    return sum(e.name in SYNCING for e in prof.events())
+    return sum(e.name in HOST_SYNCING_OPS for e in prof.events())
 
 
 def test_the_syncing_route_is_seen_by_the_same_count():

@@ -27,7 +27,7 @@ residual is compensated and may be sent like any other, which keeps error feedba
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
 
 import torch
 
@@ -42,10 +42,16 @@ from .route import BucketStep, Route, register_route
 if TYPE_CHECKING:
     from ..state import SparseHookState
 
-__all__ = ["FIXED_BUDGET", "DeviceRoute", "act_on_flags", "stratified_indices", "supports"]
+__all__ = ["FIXED_BUDGET", "HOST_SYNCING_OPS", "DeviceRoute", "act_on_flags", "stratified_indices", "supports"]
 
 #: the compressors whose payload size every rank knows without asking
 FIXED_BUDGET = ("topk", "sampled_topk", "randomk")
+#: aten ops that read a device value on the host, or whose output size depends on one: the
+#: ones this route must never run in a step (its tests and ``scripts/gpu-check`` count them)
+HOST_SYNCING_OPS = (
+    "aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+    "aten::unique_consecutive", "aten::repeat_interleave",
+)  # fmt: skip
 #: the collectives this route runs itself, with equal-size primitives only
 COLLECTIVES: Dict[str, type] = {"allgather": AllgatherCollective, "shared_topk": SharedTopkCollective}
 
@@ -59,16 +65,13 @@ def supports(compressor: compressors.Compressor, collective: Collective) -> bool
 class DeviceRoute(Route):
     """Fixed-size messages, flags inside them, no host read of a device value."""
 
-    checks_finite: ClassVar[bool] = True
-
     def __init__(self) -> None:
         #: buckets reduced on this route (shared_topk's leader is round mod P)
         self.rounds = 0
         self.pending: List[fixed.FlagCopy] = []
-        self.fused_passes = 0  # buckets compensated by the Triton kernel
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"rounds": self.rounds, "pending": [], "fused_passes": 0}  # flags in flight (CUDA events) stay here
+        return {"rounds": self.rounds, "pending": []}  # flags in flight (CUDA events) stay here
 
     def check(self, compressor: compressors.Compressor) -> None:
         if compressor.name not in FIXED_BUDGET:
@@ -108,7 +111,6 @@ class DeviceRoute(Route):
         if done is None:
             return False
         step.velocity, step.magnitudes, step.flag = done[0], magnitudes, flag
-        self.fused_passes += 1
         return True
 
     def _k(self, step: BucketStep) -> int:
@@ -137,11 +139,11 @@ class DeviceRoute(Route):
         a random choice, or the leader's indices, could miss one: that rank checks it all."""
         if step.failure is not None:
             return torch.full((), fixed.FAILED, dtype=torch.int64, device=values.device)
+        if step.flag is not None:  # the fused pass saw every value
+            return step.flag[0].to(torch.int64) * fixed.NONFINITE
         own_topk = step.decision.compressor.name != "randomk" and (
             not isinstance(state.collective, SharedTopkCollective) or step.leader == state.backend.rank
         )
-        if step.flag is not None:  # the fused pass saw every value
-            return step.flag[0].to(torch.int64) * fixed.NONFINITE
         seen = values if own_topk else step.values
         return (~torch.isfinite(seen).all()).to(torch.int64) * fixed.NONFINITE
 
