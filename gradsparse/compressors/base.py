@@ -83,6 +83,8 @@ class Compressor(ABC):
     budget_param: ClassVar[Optional[str]] = None
     #: about how many read+write passes over the tensor selection costs (for ``auto``)
     selection_passes: ClassVar[float] = 4.0
+    #: the route that must carry this compressor's messages (None: the collective's own)
+    route: ClassVar[Optional[str]] = None
 
     def candidate_floor(
         self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]

@@ -5,7 +5,7 @@ the compressed region, and the cache of weight masks over it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -125,6 +125,8 @@ class BucketPlan:
     #: (name, offset, numel) of every parameter of the bucket, the small ones included;
     #: filled only when the planner names them all (gradient preconditioning)
     segments: Tuple[Tuple[str, int, int], ...] = ()
+    #: names of the bucket's parameters with fewer than two dimensions (biases, norms), when named
+    vectors: FrozenSet[str] = frozenset()
     masks: MaskCache = field(default_factory=MaskCache)
     context: Dict[str, Any] = field(default_factory=dict)  # the collective's, never read here
     scratch: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -209,7 +211,7 @@ class BucketPlanner:
         return plan
 
     def _build(self, params: Sequence[torch.Tensor]) -> BucketPlan:
-        entries, small, segments = [], [], []
+        entries, small, segments, vectors = [], [], [], set()
         offset = 0
         for p in params:
             n = p.numel()
@@ -219,6 +221,8 @@ class BucketPlanner:
                 small.append((offset, n))
             if self.name_all:
                 segments.append((entries[-1][0] if n >= self.min_compress_numel else self.names.name_of(p), offset, n))
+                if p.dim() < 2:
+                    vectors.add(segments[-1][0])
             offset += n
         entries.sort(key=lambda e: self.names.order[e[0]])
         offsets = [e[2] for e in entries]
@@ -230,4 +234,5 @@ class BucketPlanner:
             small=small,
             key="|".join(name for name, _, _ in entries),
             segments=tuple(segments),
+            vectors=frozenset(vectors),
         )

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from gradsparse.comm import Backend, Collective, SparseCost
+from gradsparse.comm import AllgatherCollective, Backend, Collective, SparseCost
 from gradsparse.compressors import Compressor, NoCompression, k_for_density
 from gradsparse.masking import WeightMasker
 
@@ -46,6 +46,29 @@ class Decision:
     budget: Optional[int] = None
 
 
+def _check_own_route(
+    compressor: Compressor, options: HookOptions, collective: Collective, route: Optional[str]
+) -> None:
+    """A compressor that brings its own route (``sign``) gathers its messages itself, and
+    every coordinate is sent every step."""
+    if route is not None and route != compressor.route:
+        raise ValueError(
+            f"Argument `route` must be {compressor.route!r} (or unset) for the {compressor.name!r} compressor, "
+            f"but got {route!r}."
+        )
+    if type(collective) is not AllgatherCollective:
+        raise ValueError(
+            f"Argument `collective` must be 'allgather' for the {compressor.name!r} compressor (its route gathers "
+            f"packed messages of one size), but got {type(collective).__name__}."
+        )
+    if options.momentum:
+        raise ValueError(
+            f"Argument `momentum` must be 0 with the {compressor.name!r} compressor, but got {options.momentum}: "
+            "DGC's momentum correction clears what was sent, and it sends every coordinate. Keep the optimizer's "
+            "momentum (SGD's, or SparseAdamW's first moment)."
+        )
+
+
 class Policy:
     """Decides each bucket's route; remembers the counts ranks sent, per bucket.
 
@@ -68,13 +91,16 @@ class Policy:
         self.collective = collective
         self.masker = masker
         self.dense: Route = routes.build("dense")
-        self.route: Route = routes.build(route if route is not None else routes.for_collective(collective))
+        if compressor.route is not None:
+            _check_own_route(compressor, options, collective, route)
+        chosen = route if route is not None else compressor.route or routes.for_collective(collective)
+        self.route: Route = routes.build(chosen)
         self.route.check(compressor)
         #: the sync-free device route, when it may be taken (see ``HookOptions.sync_free``)
         self.device: Optional[Route] = None
         if options.sync_free is not False and route is None and device_route.supports(compressor, collective):
             self.device = routes.build("device")
-        elif options.sync_free:
+        elif options.sync_free and not self.route.sync_free:
             raise ValueError(
                 "Argument `sync_free=True` needs a fixed-budget compressor "
                 f"({', '.join(device_route.FIXED_BUDGET)}) and the collective "

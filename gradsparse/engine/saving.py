@@ -50,7 +50,7 @@ def load_state_dict(hook: SparseHookState, state: Dict[str, Any]) -> None:
     saved = state.get("preconditioner")
     if saved is not None:
         if hook.preconditioner is None:
-            hook.precondition(AdamPreconditioner(saved["beta2"], saved["eps"]))
+            hook.precondition(AdamPreconditioner(saved["beta2"], saved["eps"], saved.get("beta1", 0.0)))
         assert hook.preconditioner is not None
         hook.preconditioner.load_state_dict(saved)
     hook.counters = HookStats(**state["stats"])

@@ -22,7 +22,7 @@ from .loss_scale import LossScales
 from .momentum import MomentumCorrection
 from .residuals import Residuals
 
-__all__ = ["ErrorFeedback", "LossScales", "MomentumCorrection", "Residuals"]
+__all__ = ["ErrorFeedback", "LossScales", "MomentumCorrection", "Residuals", "keep_error"]
 
 
 class ErrorFeedback:
@@ -175,3 +175,26 @@ class ErrorFeedback:
 
     def names(self) -> List[str]:
         return list(self.memory.store.tensors)
+
+
+def keep_error(
+    feedback: ErrorFeedback,
+    layout: Layout,
+    compensated: torch.Tensor,
+    sent: torch.Tensor,
+    scale: float = 1.0,
+    unless: Optional[torch.Tensor] = None,
+) -> None:
+    """Keep what a lossy encoding of every coordinate did not send: the residual becomes
+    ``compensated - sent`` (``sent`` dense, laid out as ``compensated``). ``unless``: a
+    device flag that keeps the state as it was, decided without a host read."""
+    if feedback.correction is not None:
+        raise ValueError("keep_error() sends every coordinate: momentum correction would clear them all")
+    residual = feedback.memory.flat(layout, compensated)
+    if unless is None:
+        torch.sub(compensated, sent, out=residual)
+    else:
+        residual.copy_(torch.where(unless, residual, compensated - sent))
+    names = [name for name, _ in layout]
+    feedback.memory.mark(names, zero=False)
+    feedback.loss_scales.set(names, scale)

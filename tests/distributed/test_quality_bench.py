@@ -28,5 +28,10 @@ def test_quality_runs_dense_and_sparse_and_compares_them(text):
     assert sparse["bytes_per_step"] < 0.1 * dense["bytes_per_step"]
     table = quality_table(rows)
     assert "| sparse_adamw | topk:0.01 |" in table and "identical" in table
-    with pytest.raises(ValueError, match="COMPRESSOR:DENSITY"):
-        QualityRun("adamw", "topk", steps=1, batch=1).hook()
+    with pytest.raises(ValueError, match=r"COMPRESSOR\[:DENSITY"):
+        QualityRun("adamw", "topk:0.1:allgather:x", steps=1, batch=1).hook()
+    assert QualityRun("sparse_adamw", "sign+block=256", steps=1, batch=1).hook() == {
+        "compressor": "sign",
+        "collective": None,
+        "block": 256,
+    }

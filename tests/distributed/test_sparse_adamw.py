@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from typing import Any, Dict, List
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,12 +22,18 @@ from .test_ddp_hook import loss_of, make_model
 LR, BETAS, EPS, WD = 0.01, (0.9, 0.99), 1e-8, 0.1
 
 
-def _train(rank: int, world: int, compressor: str, density: float, steps: int) -> Dict[str, Any]:
+def _train(
+    rank: int, world: int, compressor: str, density: float, steps: int, first_moment: str = "local"
+) -> Dict[str, Any]:
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
-    options = {"density": density} if compressor == "topk" else {}
+    options: Dict[str, Any] = {"density": density} if compressor == "topk" else {}
+    if compressor == "sign":
+        options["block"] = 64  # both compressed parameters (1280, 4096 entries) are whole blocks
     state = gs.register_sparse_hook(ddp, compressor, scope="layer", min_compress_numel=1000, **options)
-    opt = gs.optim.SparseAdamW(ddp.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, hook=state)
+    opt = gs.optim.SparseAdamW(
+        ddp.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, hook=state, first_moment=first_moment
+    )
     local_grads: List[Dict[str, torch.Tensor]] = []
     first: Dict[str, Any] = {}
     for step in range(steps):
@@ -45,10 +52,11 @@ def _train(rank: int, world: int, compressor: str, density: float, steps: int) -
     restored = gs.SparseHookState(gs.compressors.build(compressor, **options))
     restored.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     assert restored.preconditioner is not None and state.preconditioner is not None
-    same = all(
-        torch.equal(restored.preconditioner.second_moments[n], v)
-        for n, v in state.preconditioner.second_moments.items()
-    )
+    saved, again = state.preconditioner, restored.preconditioner
+    same = all(torch.equal(again.second_moments[n], v) for n, v in saved.second_moments.items())
+    same &= again.beta1 == saved.beta1 and set(again.first_moments) == set(saved.first_moments)
+    same &= all(torch.equal(again.first_moments[n], m) for n, m in saved.first_moments.items())
+    same &= bool(saved.first_moments) == (first_moment == "local")
     dist.barrier()
     return {
         "params": flat_params(model),
@@ -60,9 +68,11 @@ def _train(rank: int, world: int, compressor: str, density: float, steps: int) -
     }
 
 
-def _reference(results: List[Dict[str, Any]], steps: int) -> Dict[str, torch.Tensor]:
+def _reference(results: List[Dict[str, Any]], steps: int, first_moment: str = "global") -> Dict[str, torch.Tensor]:
     """SparseAdamW with everything sent: each rank divides its own gradient by the root of
-    its own bias-corrected second moment; the mean of those drives Adam's first moment."""
+    its own bias-corrected second moment; the mean of those drives Adam's first moment
+    (with ``first_moment="local"``, only for parameters of two or more dimensions: the
+    biases step by the mean itself)."""
     world = len(results)
     params = {n: p.double().clone() for n, p in results[0]["init"].items()}
     v = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in range(world)]
@@ -75,16 +85,22 @@ def _reference(results: List[Dict[str, Any]], steps: int) -> Dict[str, torch.Ten
                 g = results[r]["local"][t - 1][n].double()
                 v[r][n] = beta2 * v[r][n] + (1 - beta2) * g * g
                 normalised.append(g / ((v[r][n] / (1 - beta2**t)).sqrt() + EPS))
+            if first_moment == "local" and value.dim() < 2:
+                params[n] = value * (1 - LR * WD) - LR * sum(normalised) / world
+                continue
             m[n] = beta1 * m[n] + (1 - beta1) * sum(normalised) / world
             params[n] = value * (1 - LR * WD) - LR * m[n] / (1 - beta1**t)
     return params
 
 
-def test_sparse_adamw_with_everything_sent_is_the_algorithm_written_out():
+@pytest.mark.parametrize("first_moment", ["local", "global"])
+def test_sparse_adamw_with_everything_sent_is_the_algorithm_written_out(first_moment):
+    """The mean of the ranks' first moments is the first moment of the mean: both places
+    give the same algorithm."""
     steps = 6
-    results = run_distributed(_train, 2, "none", 1.0, steps)
+    results = run_distributed(_train, 2, "none", 1.0, steps, first_moment)
     assert torch.equal(results[0]["params"], results[1]["params"])
-    expected = _reference(results, steps)
+    expected = _reference(results, steps, first_moment)
     for name, value in expected.items():
         assert_close(results[0]["named"][name].double(), value, rtol=1e-5, atol=1e-6)
     assert all(r["restored_same"] for r in results)
@@ -112,4 +128,31 @@ def test_sparse_adamw_top_k_keeps_the_normalised_gradient_and_replicas_identical
         expected = torch.stack(sent).sum(0) / len(results)
         for r in results:
             assert_close(r["averaged"][name].reshape(-1), expected)
+    assert all(r["restored_same"] for r in results)
+
+
+def test_sparse_adamw_with_signs_sends_the_scaled_sign_of_the_update_direction():
+    """Step 0: each rank's update direction is its normalised gradient (the first moment,
+    bias-corrected, of one step); the hook's output is the mean of its scaled signs per
+    block of 64, the residual holds the rest, and the replicas stay identical."""
+    results = run_distributed(_train, 2, "sign", 1.0, 4)
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    names = list(results[0]["residual"])
+    assert names
+    for name in names:
+        sent = []
+        for r in results:
+            g = r["local"][0][name].double().reshape(-1)
+            direction = g / (g.abs() + EPS)
+            signs = torch.empty_like(direction)
+            for start in range(0, g.numel(), 64):
+                chunk = direction[start : start + 64]
+                scale = chunk.abs().mean().float().to(torch.bfloat16).double()  # sent as bfloat16
+                signs[start : start + 64] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+            # a bfloat16 rounding of a scale (about 1) apart at most
+            assert_close(r["residual"][name].reshape(-1).double() + signs, direction, rtol=4e-3, atol=4e-3)
+            sent.append(signs)
+        expected = torch.stack(sent).sum(0) / len(results)
+        for r in results:
+            assert_close(r["averaged"][name].reshape(-1).double(), expected, rtol=4e-3, atol=4e-3)
     assert all(r["restored_same"] for r in results)

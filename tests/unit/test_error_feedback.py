@@ -23,7 +23,8 @@ def _compressor(name, density):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(C.available()),
+    # the selecting compressors (``sign`` encodes every entry: tests/unit/test_sign.py)
+    name=st.sampled_from([n for n in C.available() if C.registry.get(n).route is None]),
     sizes=st.lists(st.integers(1, 300), min_size=1, max_size=4),
     density=st.floats(0.01, 1.0),
     dtype=st.sampled_from(DTYPES),

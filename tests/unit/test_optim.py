@@ -47,6 +47,7 @@ def test_integrations_warn_about_an_adaptive_optimizer_without_the_preconditione
     with caplog.at_level("WARNING"):
         assert on_model.check_optimizers([torch.optim.AdamW(params)])
     assert "AdamW on sparse gradients ends worse" in caplog.text and "docs/optimizers.md" in caplog.text
+    assert "gradsparse.optim.SparseAdamW" in caplog.text and "'sign' compressor" in caplog.text
     assert not on_model.check_optimizers([torch.optim.SGD(params, lr=0.1)])
     assert on_model.state is not None
     gs.optim.SparseAdamW(params, hook=on_model.state)

@@ -112,3 +112,30 @@ def test_the_preconditioners_second_moments_come_from_the_covering_rank_and_load
     assert restored.preconditioner is not None and restored.preconditioner.beta2 == 0.99
     assert torch.equal(restored.preconditioner.second_moments["p0"], torch.full((6,), 2.0))
     assert restored.preconditioner.steps == {"p0": 7}
+
+
+def test_the_preconditioners_first_moments_come_from_the_covering_rank_and_load():
+    """SparseAdamW's local first moment (and its settings) travel with the second moment;
+    a state saved before the first moment lived in the hook loads without one."""
+    old = _states(2, [6], seed=3)
+    for r, state in enumerate(old):
+        state["preconditioner"] = {
+            "beta1": 0.9, "vector_first_moment": False, "beta2": 0.99, "eps": 1e-8,
+            "first_moments": {"p0": torch.full((6,), -float(r + 1))},
+            "second_moments": {"p0": torch.full((6,), float(r + 1))}, "steps": {"p0": 7},
+        }  # fmt: skip
+    new = gs.reshard_states(old, 4)
+    assert [float(s["preconditioner"]["first_moments"]["p0"][0]) for s in new] == [-1.0, -1.0, -2.0, -2.0]
+    restored = gs.SparseHookState("topk")
+    restored.load_state_dict(new[2])
+    pre = restored.preconditioner
+    assert pre is not None and pre.beta1 == 0.9 and pre.vector_first_moment is False
+    assert torch.equal(pre.first_moments["p0"], torch.full((6,), -2.0))
+    saved_before = dict(new[0])
+    saved_before["preconditioner"] = {
+        k: v for k, v in new[0]["preconditioner"].items() if k not in ("first_moments", "beta1", "vector_first_moment")
+    }
+    older = gs.SparseHookState("topk")
+    older.load_state_dict(saved_before)
+    assert older.preconditioner is not None and older.preconditioner.beta1 == 0.0
+    assert older.preconditioner.first_moments == {}

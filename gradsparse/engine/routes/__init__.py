@@ -7,11 +7,13 @@
 ``sparse``          ``sparse``: every rank selects, the collective sums the payloads
 ``shared_topk``     ``shared_topk``: one leader per round selects for every rank
 ``device``          ``device``: fixed-size messages, no host read (GPUs; ``sync_free``)
+``sign``            ``sign``: one bit per coordinate (the ``sign`` compressor's route)
 ==================  ================================================================
 
 The policy (``gradsparse.engine.policy``) picks the route of each bucket. A new route is one
 module: a :class:`Route` subclass decorated with ``@register_route("name")``, chosen with
-``SparseHookState(route="name")`` (or claimed for a collective by its ``serves``).
+``SparseHookState(route="name")`` (or claimed for a collective by its ``serves``, or for a
+compressor by the compressor's ``route``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .dense import DenseRoute
 from .device import DeviceRoute
 from .route import BucketStep, Route, available, build, for_collective, register_route, registry
 from .shared_topk import SharedTopkRoute
+from .sign import SignRoute
 from .sparse import SparseRoute
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "DeviceRoute",
     "Route",
     "SharedTopkRoute",
+    "SignRoute",
     "SparseRoute",
     "available",
     "build",

@@ -65,6 +65,8 @@ def supports(compressor: compressors.Compressor, collective: Collective) -> bool
 class DeviceRoute(Route):
     """Fixed-size messages, flags inside them, no host read of a device value."""
 
+    sync_free = True
+
     def __init__(self) -> None:
         #: buckets reduced on this route (shared_topk's leader is round mod P)
         self.rounds = 0

@@ -62,6 +62,8 @@ class BucketStep:
     #: device route: ``|values|`` and an int32 non-finite flag, from its fused pass
     magnitudes: Optional[torch.Tensor] = None
     flag: Optional[torch.Tensor] = None
+    #: sign route: this rank's (packed signs, block scales)
+    encoded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     sent_at: float = 0.0
 
 
@@ -73,6 +75,8 @@ class Route:
     name: ClassVar[str] = ""
     #: whether its sum carries NaN/inf through (dense) or every rank must check first (sparse)
     checks_finite: ClassVar[bool] = True
+    #: whether a step on it reads no device value on the host (see ``HookOptions.sync_free``)
+    sync_free: ClassVar[bool] = False
 
     @classmethod
     def serves(cls, collective: Collective) -> bool:

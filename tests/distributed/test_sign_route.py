@@ -1,0 +1,166 @@
+"""The ``sign`` compressor's route on real gloo ranks: sums equal to a reference computed
+apart (each rank's scaled signs, decoded by hand), conserved error feedback, identical
+replicas; faults that stop every rank; no host-syncing op in a step; refused options."""
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torch.testing import assert_close
+
+import gradsparse as gs
+from gradsparse.engine.routes.device import HOST_SYNCING_OPS
+
+from .harness import check_on_ranks, gather_all, run_distributed
+
+
+def _scaled_sign(values: torch.Tensor, block: int) -> torch.Tensor:
+    """What a rank sends, written out apart from the compressor: per block of ``block``
+    entries, sign (zero counts as +) times the block's mean magnitude rounded to bfloat16."""
+    out = torch.empty(values.numel(), dtype=torch.float64)
+    for start in range(0, values.numel(), block):
+        chunk = values[start : start + block].double()
+        scale = chunk.abs().mean().float().to(torch.bfloat16).double()
+        out[start : start + block] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+    return out
+
+
+def _exact_and_conserved(rank, world, block):
+    torch.manual_seed(0)
+    model = nn.Linear(300, 40, bias=False)  # 12000 entries: a partial last block for 64 and 1000
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gs.register_sparse_hook(ddp, "sign", block=block, min_compress_numel=0)
+    assert state.policy.route.name == "sign"
+    numel = model.weight.numel()
+    for step in range(3):
+        x = torch.randn(8, 300, generator=torch.Generator().manual_seed(100 * step + rank))
+        before = state.feedback.residual("weight")
+        before = torch.zeros(numel) if before is None else before.clone()
+        local = nn.Linear(300, 40, bias=False)
+        local.load_state_dict(model.state_dict())
+        local(x).pow(2).sum().backward()  # this rank's own gradient, computed apart
+        ddp.zero_grad()
+        ddp(x).pow(2).sum().backward()
+        compensated = gather_all(local.weight.grad.reshape(-1) + before)
+        after = gather_all(state.feedback.residual("weight").clone())
+        out = model.weight.grad.reshape(-1)
+        reference = sum(_scaled_sign(c, block) for c in compensated)
+        assert_close(out.double() * world, reference, rtol=4e-3, atol=1e-6)  # a bfloat16 rounding apart at most
+        # conservation: what came in (gradients + old residuals) is what was summed plus kept
+        kept = sum(a.double() for a in after)
+        assert_close(out.double() * world + kept, sum(c.double() for c in compensated), rtol=1e-5, atol=1e-6)
+        copies = gather_all(out)
+        assert all(torch.equal(copies[0], c) for c in copies), "replicas differ"
+    assert state.counters.selected == 3 * numel
+
+
+@pytest.mark.parametrize("world,block", [(2, 64), (3, 1000)])
+def test_sums_are_exact_and_mass_is_conserved(world, block):
+    check_on_ranks(_exact_and_conserved, world, block)
+
+
+def _faults(rank, world):
+    """A non-finite gradient on one rank: NaN everywhere, state kept on every rank. Then a
+    rank whose encoding fails: it raises its own error, every other rank a PeerError."""
+    model = nn.Linear(300, 40, bias=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gs.register_sparse_hook(ddp, "sign", min_compress_numel=0)
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(rank))
+    ddp(x).sum().backward()
+    before = state.feedback.residual("weight").clone()
+    model.zero_grad()
+    bad = x.clone()
+    if rank == world - 1:
+        bad[0, 0] = float("nan")
+    ddp(bad).sum().backward()
+    all_nan = bool(torch.isnan(model.weight.grad).all())
+    kept = torch.equal(state.feedback.residual("weight"), before)
+    counted = state.counters.nonfinite_buckets
+    if rank == 1:
+        state.policy.route.select = _boom  # type: ignore[method-assign]
+    try:
+        ddp(x).sum().backward()
+        error = "none"
+    except Exception as exc:
+        error = type(exc).__name__ + ": " + str(exc)
+    return all_nan, kept, counted, error
+
+
+def _boom(*args, **kwargs):
+    raise RuntimeError("boom: this rank's encoding failed")
+
+
+def test_faults_reach_every_rank():
+    for rank, (all_nan, kept, counted, error) in enumerate(run_distributed(_faults, 3)):
+        assert all_nan and kept and counted == 1
+        if rank == 1:
+            assert "boom" in error, error
+        else:
+            assert "PeerError" in error and "rank(s) [1] failed" in error, error
+
+
+def _mismatched_blocks(rank, world):
+    model = nn.Linear(300, 40, bias=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    gs.register_sparse_hook(ddp, "sign", block=64 if rank == 0 else 128, min_compress_numel=0)
+    try:
+        ddp(torch.randn(4, 300)).sum().backward()
+        return "none"
+    except Exception as exc:
+        return type(exc).__name__ + ": " + str(exc)
+
+
+def test_ranks_with_different_block_sizes_stop():
+    for error in run_distributed(_mismatched_blocks, 2):
+        assert "PeerError" in error and "rank 0: (12000, 64), rank 1: (12000, 128)" in error, error
+
+
+def _syncing_ops(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64))
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+    state = gs.register_sparse_hook(ddp, "sign", sync_free=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(i):
+        x = torch.randn(32, 256, generator=torch.Generator().manual_seed(10 * i + rank))
+        opt.zero_grad()
+        ddp(x).pow(2).mean().backward()
+        opt.step()
+
+    for i in range(2):
+        step(i)
+    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
+        step(2)
+    copies = gather_all(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    syncing = sorted({e.name for e in prof.events() if e.name in HOST_SYNCING_OPS})
+    return syncing, state.counters.selected > 0, all(torch.equal(copies[0], c) for c in copies)
+
+
+def test_a_step_makes_no_host_sync():
+    for syncing, ran, identical in run_distributed(_syncing_ops, 2):
+        assert ran and identical
+        assert syncing == [], f"host-syncing ops in a step: {syncing}"
+
+
+def _refused(rank, world):
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(8, 8))
+    errors = []
+    for options in ({"collective": "oktopk"}, {"momentum": 0.9}, {"route": "sparse"}, {"block": 0}):
+        try:
+            gs.SparseHookState("sign", **options) if "block" not in options else gs.register_sparse_hook(
+                ddp, "sign", **options
+            )
+            errors.append("none")
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+def test_options_it_cannot_honour_are_refused():
+    collective, momentum, route, block = run_distributed(_refused, 1)[0]
+    assert "`collective` must be 'allgather'" in collective
+    assert "`momentum` must be 0" in momentum
+    assert "`route` must be 'sign'" in route
+    assert "`block`" in block and "got 0" in block

@@ -1,0 +1,124 @@
+"""The ``sign`` compressor (scaled sign, packed bits), error feedback's ``keep_error``, and
+the preconditioner's first moment."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+import gradsparse.compressors as C
+from gradsparse.compressors.scaled_sign import pack_signs, unpack_signs
+from gradsparse.error_feedback import ErrorFeedback, keep_error
+from gradsparse.precondition import AdamPreconditioner
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(0, 700), block=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_decoded_values_are_sign_times_the_block_mean(numel, block, seed):
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    if numel:
+        values[0] = 0.0  # zero counts as positive
+    comp = C.build("sign", block=block)
+    signs, scales = comp.encode(values)
+    assert signs.dtype == torch.uint8 and signs.numel() == (numel + 7) // 8
+    assert scales.numel() == comp.blocks(numel) == -(-numel // block)
+    decoded = comp.decode(signs, scales, numel)
+    expected = torch.empty(numel, dtype=torch.float64)
+    for start in range(0, numel, block):  # written out apart from the compressor
+        chunk = values[start : start + block].double()
+        scale = chunk.abs().mean().float().to(torch.bfloat16).double()  # sent as bfloat16
+        expected[start : start + block] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+    assert scales.dtype == torch.bfloat16
+    assert_close(decoded.double(), expected, rtol=4e-3, atol=1e-7)  # one bfloat16 rounding apart at most
+    payload = comp.compress(values)
+    assert torch.equal(payload.indices.long(), torch.arange(numel)) and torch.equal(payload.values, decoded)
+
+
+def test_signs_pack_eight_to_a_byte():
+    values = torch.tensor([1.0, -1.0, 0.0, -0.0, -3.0, 2.0, -1.0, 5.0, -2.0])
+    packed = pack_signs(values)
+    # -0.0 < 0 is False: it counts as positive, as 0.0 does
+    assert packed.tolist() == [0b10101101, 0b0]
+    assert unpack_signs(packed, 9, torch.float32).tolist() == [1, -1, 1, 1, -1, 1, -1, 1, -1]
+
+
+def test_a_non_finite_entry_makes_its_block_non_finite_and_no_other():
+    values = torch.ones(8)
+    values[5] = float("nan")
+    scales = C.build("sign", block=4).scales(values)
+    assert torch.isfinite(scales[0]) and torch.isnan(scales[1])
+
+
+def test_block_is_validated():
+    with pytest.raises(ValueError, match=r"`block` to be an int >= 1, but got 0"):
+        C.build("sign", block=0)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        C.build("sign", density=0.01)
+
+
+@pytest.mark.parametrize("unless", [None, False, True])
+def test_keep_error_keeps_what_the_encoding_lost(unless):
+    layout = (("a", 10), ("b", 7))
+    ef = ErrorFeedback()
+    comp = C.build("sign", block=4)
+    gen = torch.Generator().manual_seed(0)
+    residual = torch.zeros(17)
+    for _ in range(3):
+        grad = torch.randn(17, generator=gen)
+        compensated = grad.clone()
+        ef.compensate(layout, compensated)
+        assert_close(compensated, grad + residual)
+        sent = comp.compress(compensated).values
+        flag = None if unless is None else torch.tensor(unless)
+        keep_error(ef, layout, compensated, sent, unless=flag)
+        expected = residual if unless else compensated - sent
+        got = torch.cat([ef.residual("a"), ef.residual("b")])
+        assert torch.equal(got, expected)
+        assert_close(got + (0 if unless else sent), residual if unless else compensated)
+        residual = got.clone()
+
+
+def test_keep_error_refuses_momentum_correction():
+    with pytest.raises(ValueError, match="momentum correction"):
+        keep_error(ErrorFeedback(0.9), (("a", 2),), torch.zeros(2), torch.zeros(2))
+
+
+def test_first_moment_before_compression_is_the_documented_update_direction():
+    """With beta1, the preconditioned gradient is the bias-corrected first moment of the
+    normalised gradients, ``m = b1 m + (1 - b1) g / (sqrt(v_hat) + eps)`` (written out here);
+    on the first step, exactly AdamW's step at lr 1."""
+    gen = torch.Generator().manual_seed(0)
+    pre = AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9)
+    p = torch.zeros(6, requires_grad=True)
+    adam = torch.optim.Adam([p], lr=1.0, betas=(0.9, 0.99), eps=1e-8)
+    m, v = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    for t in range(1, 5):
+        g = torch.randn(6, generator=gen)
+        buffer = g.clone()
+        pre.apply([("w", 0, 6)], buffer)
+        v = 0.99 * v + 0.01 * g.double() ** 2
+        m = 0.9 * m + 0.1 * g.double() / ((v / (1 - 0.99**t)).sqrt() + 1e-8)
+        assert_close(buffer.double(), m / (1 - 0.9**t), rtol=1e-5, atol=1e-6)
+        if t == 1:
+            p.grad = g.clone()
+            adam.step()
+            assert_close(-p.detach(), buffer, rtol=1e-5, atol=1e-6)
+    saved = pre.state_dict()
+    assert set(saved["first_moments"]) == {"w"} and saved["beta1"] == 0.9
+    again = AdamPreconditioner(0.5, 1.0)
+    again.load_state_dict(saved)
+    assert again.beta1 == 0.9 and torch.equal(again.first_moments["w"], pre.first_moments["w"])
+
+
+def test_vectors_get_no_first_moment_unless_asked():
+    """Parameters of fewer than two dimensions (named in ``vectors``) are normalised only;
+    ``vector_first_moment=True`` gives them the first moment too."""
+    g = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    for flag in (False, True):
+        pre = AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9, vector_first_moment=flag)
+        for step in range(2):
+            buffer = g.clone() * (1 + step)
+            pre.apply([("w", 0, 2), ("b", 2, 2)], buffer, vectors={"b"})
+        assert set(pre.first_moments) == ({"w", "b"} if flag else {"w"})
+        assert pre.state_dict()["vector_first_moment"] is flag
