@@ -61,7 +61,6 @@ class ScaledSign(Compressor):
 
     block: int = 256
     name = "sign"
-    selection_passes = 3.0
     #: the route that carries it: packed bits, not (index, value) pairs
     route = "sign"
 
@@ -89,26 +88,16 @@ class ScaledSign(Compressor):
         return pack_signs(values), self.scales(values)
 
     def decode(
-        self,
-        signs: torch.Tensor,
-        scales: torch.Tensor,
-        numel: int,
-        out: Optional[torch.Tensor] = None,
-        dtype: torch.dtype = torch.float32,
+        self, signs: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """The ``numel`` values that ``(signs, scales)`` stand for, of ``dtype`` (default:
-        float32), into ``out`` if given (then of its dtype)."""
-        dtype = out.dtype if out is not None else dtype
+        """The ``numel`` values, of ``dtype``, that ``(signs, scales)`` stand for."""
         decoded = unpack_signs(signs, numel, dtype)
         scales = scales.to(dtype)
-        decoded.view(-1)[: numel - numel % self.block].view(-1, self.block).mul_(
-            scales[: numel // self.block].unsqueeze(1)
-        )
+        whole = numel - numel % self.block
+        decoded[:whole].view(-1, self.block).mul_(scales[: numel // self.block].unsqueeze(1))
         if numel % self.block:
-            decoded[numel - numel % self.block :].mul_(scales[-1])
-        if out is None:
-            return decoded
-        return out.copy_(decoded)
+            decoded[whole:].mul_(scales[-1])
+        return decoded
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         """Every entry, at its decoded value (for paths that carry (index, value) pairs;

@@ -5,13 +5,12 @@ replicas; faults that stop every rank; no host-syncing op in a step; refused opt
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from torch.testing import assert_close
 
 import gradsparse as gs
-from gradsparse.engine.routes.device import HOST_SYNCING_OPS
 
 from .harness import check_on_ranks, gather_all, run_distributed
+from .test_sync_free import assert_faults_reached_every_rank, assert_no_host_sync, faults, syncing_ops
 
 
 def _scaled_sign(values: torch.Tensor, block: int) -> torch.Tensor:
@@ -59,44 +58,10 @@ def test_sums_are_exact_and_mass_is_conserved(world, block):
     check_on_ranks(_exact_and_conserved, world, block)
 
 
-def _faults(rank, world):
-    """A non-finite gradient on one rank: NaN everywhere, state kept on every rank. Then a
-    rank whose encoding fails: it raises its own error, every other rank a PeerError."""
-    model = nn.Linear(300, 40, bias=False)
-    ddp = nn.parallel.DistributedDataParallel(model)
-    state = gs.register_sparse_hook(ddp, "sign", min_compress_numel=0)
-    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(rank))
-    ddp(x).sum().backward()
-    before = state.feedback.residual("weight").clone()
-    model.zero_grad()
-    bad = x.clone()
-    if rank == world - 1:
-        bad[0, 0] = float("nan")
-    ddp(bad).sum().backward()
-    all_nan = bool(torch.isnan(model.weight.grad).all())
-    kept = torch.equal(state.feedback.residual("weight"), before)
-    counted = state.counters.nonfinite_buckets
-    if rank == 1:
-        state.policy.route.select = _boom  # type: ignore[method-assign]
-    try:
-        ddp(x).sum().backward()
-        error = "none"
-    except Exception as exc:
-        error = type(exc).__name__ + ": " + str(exc)
-    return all_nan, kept, counted, error
-
-
-def _boom(*args, **kwargs):
-    raise RuntimeError("boom: this rank's encoding failed")
-
-
 def test_faults_reach_every_rank():
-    for rank, (all_nan, kept, counted, error) in enumerate(run_distributed(_faults, 3)):
-        assert all_nan and kept and counted == 1
-        if rank == 1:
-            assert "boom" in error, error
-        else:
-            assert "PeerError" in error and "rank(s) [1] failed" in error, error
+    """A NaN on one rank; then one rank's encoding fails (test_sync_free's scenario)."""
+    results = run_distributed(faults, 3, {"compressor": "sign"}, "route", float("nan"))
+    assert_faults_reached_every_rank(results)
 
 
 def _mismatched_blocks(rank, world):
@@ -115,33 +80,9 @@ def test_ranks_with_different_block_sizes_stop():
         assert "PeerError" in error and "rank 0: (12000, 64), rank 1: (12000, 128)" in error, error
 
 
-def _syncing_ops(rank, world):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 64))
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-    state = gs.register_sparse_hook(ddp, "sign", sync_free=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step(i):
-        x = torch.randn(32, 256, generator=torch.Generator().manual_seed(10 * i + rank))
-        opt.zero_grad()
-        ddp(x).pow(2).mean().backward()
-        opt.step()
-
-    for i in range(2):
-        step(i)
-    config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
-    with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
-        step(2)
-    copies = gather_all(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    syncing = sorted({e.name for e in prof.events() if e.name in HOST_SYNCING_OPS})
-    return syncing, state.counters.selected > 0, all(torch.equal(copies[0], c) for c in copies)
-
-
 def test_a_step_makes_no_host_sync():
-    for syncing, ran, identical in run_distributed(_syncing_ops, 2):
-        assert ran and identical
-        assert syncing == [], f"host-syncing ops in a step: {syncing}"
+    """test_sync_free's profile of steps 3-5 on every thread, on the sign route."""
+    assert_no_host_sync(run_distributed(syncing_ops, 2, {"compressor": "sign"}))
 
 
 def _refused(rank, world):

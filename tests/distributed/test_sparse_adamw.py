@@ -106,12 +106,11 @@ def test_sparse_adamw_with_everything_sent_is_the_algorithm_written_out(first_mo
     assert all(r["restored_same"] for r in results)
 
 
-def test_sparse_adamw_top_k_keeps_the_normalised_gradient_and_replicas_identical():
-    """Step 0, per parameter: each rank sent the top-k of its normalised gradient
-    (g / (|g| + eps) at the first step, Adam's sign), the residual holds the rest
-    (conservation), and the hook's output is the mean of what was sent."""
-    density = 0.1
-    results = run_distributed(_train, 2, "topk", density, 4)
+def _check_first_step(results: List[Dict[str, Any]], sent_of: Any, **tolerance: float) -> None:
+    """Step 0, per parameter and rank: the normalised gradient (g / (|g| + eps) at the first
+    step, Adam's sign: v = (1 - beta2) g^2, bias-corrected g^2) is what the rank sent,
+    ``sent_of(residual, normalised)``, plus its residual (conservation); the hook's output
+    is the mean of what was sent; the replicas are identical; the checkpoint round-trips."""
     assert torch.equal(results[0]["params"], results[1]["params"])
     names = list(results[0]["residual"])
     assert names
@@ -119,40 +118,39 @@ def test_sparse_adamw_top_k_keeps_the_normalised_gradient_and_replicas_identical
         sent = []
         for r in results:
             g = r["local"][0][name].double().reshape(-1)
-            normalised = (g / (g.abs() + EPS)).float()  # v = (1 - beta2) g^2, bias-corrected: g^2
-            residual = r["residual"][name]
-            chosen = residual == 0
-            assert int(chosen.sum()) >= k_for_density(density, g.numel())
-            assert_close(residual + torch.where(chosen, normalised, torch.zeros_like(normalised)), normalised)
-            sent.append(torch.where(chosen, normalised, torch.zeros_like(normalised)))
+            normalised = g / (g.abs() + EPS)
+            residual = r["residual"][name].reshape(-1).double()
+            sent.append(sent_of(residual, normalised))
+            assert_close(residual + sent[-1], normalised, **tolerance)
         expected = torch.stack(sent).sum(0) / len(results)
         for r in results:
-            assert_close(r["averaged"][name].reshape(-1), expected)
+            assert_close(r["averaged"][name].reshape(-1).double(), expected, **tolerance)
     assert all(r["restored_same"] for r in results)
+
+
+def test_sparse_adamw_top_k_keeps_the_normalised_gradient_and_replicas_identical():
+    """Each rank sent the top-k of its normalised gradient; the residual holds the rest."""
+    density = 0.1
+
+    def top_k(residual: torch.Tensor, normalised: torch.Tensor) -> torch.Tensor:
+        chosen = residual == 0
+        assert int(chosen.sum()) >= k_for_density(density, normalised.numel())
+        return torch.where(chosen, normalised, torch.zeros_like(normalised))
+
+    _check_first_step(run_distributed(_train, 2, "topk", density, 4), top_k, rtol=1.3e-6, atol=1e-5)
 
 
 def test_sparse_adamw_with_signs_sends_the_scaled_sign_of_the_update_direction():
-    """Step 0: each rank's update direction is its normalised gradient (the first moment,
-    bias-corrected, of one step); the hook's output is the mean of its scaled signs per
-    block of 64, the residual holds the rest, and the replicas stay identical."""
-    results = run_distributed(_train, 2, "sign", 1.0, 4)
-    assert torch.equal(results[0]["params"], results[1]["params"])
-    names = list(results[0]["residual"])
-    assert names
-    for name in names:
-        sent = []
-        for r in results:
-            g = r["local"][0][name].double().reshape(-1)
-            direction = g / (g.abs() + EPS)
-            signs = torch.empty_like(direction)
-            for start in range(0, g.numel(), 64):
-                chunk = direction[start : start + 64]
-                scale = chunk.abs().mean().float().to(torch.bfloat16).double()  # sent as bfloat16
-                signs[start : start + 64] = torch.where(chunk >= 0, 1.0, -1.0) * scale
-            # a bfloat16 rounding of a scale (about 1) apart at most
-            assert_close(r["residual"][name].reshape(-1).double() + signs, direction, rtol=4e-3, atol=4e-3)
-            sent.append(signs)
-        expected = torch.stack(sent).sum(0) / len(results)
-        for r in results:
-            assert_close(r["averaged"][name].reshape(-1).double(), expected, rtol=4e-3, atol=4e-3)
-    assert all(r["restored_same"] for r in results)
+    """Each rank's update direction is its normalised gradient (the first moment,
+    bias-corrected, of one step); it sent the scaled signs of it per block of 64."""
+
+    def scaled_signs(residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        signs = torch.empty_like(direction)
+        for start in range(0, direction.numel(), 64):
+            chunk = direction[start : start + 64]
+            scale = chunk.abs().mean().float().to(torch.bfloat16).double()  # sent as bfloat16
+            signs[start : start + 64] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+        return signs
+
+    # a bfloat16 rounding of a scale (about 1) apart at most
+    _check_first_step(run_distributed(_train, 2, "sign", 1.0, 4), scaled_signs, rtol=4e-3, atol=4e-3)

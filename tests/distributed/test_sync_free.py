@@ -111,13 +111,13 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 64))
 
 
-def _syncing_ops(rank, world, collective):
+def syncing_ops(rank, world, options):
     """Train a ~1.3M-parameter MLP with SGD; profile steps 3-5 on every thread (the
     continuation runs on gloo's); count the syncing ops and the Python conversions of a
     tensor to host values (``tolist``, ``item``, ``bool``, ``int``, ``float``)."""
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-    state = gs.register_sparse_hook(ddp, "topk", density=0.01, collective=collective, sync_free=True)
+    state = gs.register_sparse_hook(ddp, sync_free=True, **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(i):
@@ -139,6 +139,7 @@ def _syncing_ops(rank, world, collective):
 
         setattr(torch.Tensor, name, counted)
     config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    selected = state.counters.selected
     try:
         with profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
             for i in range(3, 6):
@@ -148,19 +149,24 @@ def _syncing_ops(rank, world, collective):
             setattr(torch.Tensor, name, fn)
     names = [e.name for e in prof.events()]
     syncing = sorted({n for n in names if n in HOST_SYNCING_OPS})
-    hook_ran = any("index_add" in n for n in names) and state.counters.selected > 0
-    assert state.policy.device is not None
+    hook_ran = state.counters.selected > selected  # the profiled steps went through a route
+    assert state.policy.device is not None or state.policy.route.sync_free
     copies = gather_all(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     return syncing, sorted(set(conversions)), hook_ran, all(torch.equal(copies[0], c) for c in copies)
 
 
-@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
-def test_a_training_step_makes_no_host_sync(collective):
-    for syncing, conversions, hook_ran, identical in run_distributed(_syncing_ops, 2, collective):
+def assert_no_host_sync(results):
+    for syncing, conversions, hook_ran, identical in results:
         assert hook_ran
         assert syncing == [], f"host-syncing ops in a step: {syncing}"
         assert conversions == [], f"tensors converted to host values in a step: {conversions}"
         assert identical
+
+
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_a_training_step_makes_no_host_sync(collective):
+    options = {"compressor": "topk", "density": 0.01, "collective": collective}
+    assert_no_host_sync(run_distributed(syncing_ops, 2, options))
 
 
 def _syncing_route_for_contrast(rank, world):
@@ -181,28 +187,28 @@ def test_the_syncing_route_is_seen_by_the_same_count():
     assert all(n > 0 for n in run_distributed(_syncing_route_for_contrast, 2))
 
 
-def _faults(rank, world, collective):
-    """A non-finite gradient on one rank: NaN everywhere, state kept on every rank. Then a
-    rank whose selection fails: it raises its own error, every other rank a PeerError."""
+def faults(rank, world, options, route, bad):
+    """A non-finite gradient (``bad``) on one rank: NaN everywhere, state kept on every
+    rank. Then rank 1's selection on ``state.policy.<route>`` fails: it raises its own
+    error, every other rank a PeerError. (Also the sign route's test.)"""
     model = nn.Linear(300, 40, bias=False)
     ddp = nn.parallel.DistributedDataParallel(model)
-    state = gs.register_sparse_hook(
-        ddp, "topk", density=0.01, collective=collective, min_compress_numel=0, sync_free=True
-    )
+    state = gs.register_sparse_hook(ddp, min_compress_numel=0, **options)
     x = torch.randn(4, 300, generator=torch.Generator().manual_seed(rank))
     ddp(x).sum().backward()
     before = state.feedback.residual("weight").clone()
     model.zero_grad()
-    bad = x.clone()
+    corrupted = x.clone()
     if rank == world - 1:
-        bad[0, 0] = float("inf")
-    ddp(bad).sum().backward()
+        corrupted[0, 0] = bad
+    ddp(corrupted).sum().backward()
     all_nan = bool(torch.isnan(model.weight.grad).all())
     kept = torch.equal(state.feedback.residual("weight"), before)
     counted = state.counters.nonfinite_buckets
-    assert state.policy.device is not None
+    failing = getattr(state.policy, route)
+    assert failing is not None
     if rank == 1:
-        state.policy.device.select = _boom  # type: ignore[method-assign]
+        failing.select = _boom
     try:
         ddp(x).sum().backward()
         error = "none"
@@ -215,14 +221,19 @@ def _boom(*args, **kwargs):
     raise RuntimeError("boom: this rank's selection failed")
 
 
-@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
-def test_faults_reach_every_rank(collective):
-    for rank, (all_nan, kept, counted, error) in enumerate(run_distributed(_faults, 3, collective)):
+def assert_faults_reached_every_rank(results):
+    for rank, (all_nan, kept, counted, error) in enumerate(results):
         assert all_nan and kept and counted == 1
         if rank == 1:
             assert "boom" in error, error
         else:
             assert "PeerError" in error and "rank(s) [1] failed" in error, error
+
+
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_faults_reach_every_rank(collective):
+    options = {"compressor": "topk", "density": 0.01, "collective": collective, "sync_free": True}
+    assert_faults_reached_every_rank(run_distributed(faults, 3, options, "device", float("inf")))
 
 
 class RecordingBackend(TorchDistBackend):

@@ -62,8 +62,10 @@ class BucketStep:
     #: device route: ``|values|`` and an int32 non-finite flag, from its fused pass
     magnitudes: Optional[torch.Tensor] = None
     flag: Optional[torch.Tensor] = None
-    #: sign route: this rank's (packed signs, block scales)
+    #: sign route: this rank's (packed signs, block scales), and their decoded values once
+    #: the commit has made them (the sum reuses them for this rank's term)
     encoded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    decoded: Optional[torch.Tensor] = None
     sent_at: float = 0.0
 
 

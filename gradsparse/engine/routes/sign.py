@@ -99,7 +99,7 @@ class SignRoute(DeviceRoute):
         self.pending.append(fixed.FlagCopy(gathered.flags, state.step))
         numel = step.values.numel()
         if state.options.error_feedback and step.region.numel() and step.encoded is not None:
-            own = _sign_compressor(step).decode(*step.encoded, numel, dtype=step.values.dtype)
+            own = step.decoded = _sign_compressor(step).decode(*step.encoded, numel, dtype=step.values.dtype)
             compensated, sent = step.values, own
             if step.active is not None:  # back from the active coordinates to the region
                 compensated, sent = step.region, torch.zeros_like(step.region).index_copy_(0, step.active, own)
@@ -113,8 +113,11 @@ class SignRoute(DeviceRoute):
         if out.numel():
             compressor, numel = _sign_compressor(step), out.numel()
             out.copy_(torch.where(gathered.bad, float("nan"), 0.0).to(out.dtype).expand(out.shape))
-            for scales, signs in zip(gathered.values, gathered.indices):  # rank order
-                out.add_(compressor.decode(signs, scales, numel, dtype=out.dtype), alpha=1.0 / state.backend.size)
+            for rank, (scales, signs) in enumerate(zip(gathered.values, gathered.indices)):  # rank order
+                term = step.decoded if rank == state.backend.rank else None  # the same bytes, decoded
+                if term is None:
+                    term = compressor.decode(signs, scales, numel, dtype=out.dtype)
+                out.add_(term, alpha=1.0 / state.backend.size)
         if step.failure is not None:  # every message has gone out: now raise this rank's own error
             raise step.failure
         act_on_flags(self.pending, state)  # on CPU this bucket's flags: a failed peer raises on every rank now
