@@ -8,6 +8,15 @@ weight decay are applied here, to the averaged result::
     state = gradsparse.register_sparse_hook(ddp, "sign")
     opt = gradsparse.optim.SparseAdamW(ddp.parameters(), lr=1e-3, weight_decay=0.1, hook=state)
 
+Where the hook is registered by a framework integration after the optimizer is built
+(Lightning's ``configure_optimizers``, the HF Trainer), build it without ``hook``: the
+integration attaches its state (:meth:`SparseAdamW.attach`) before the first step.
+
+Gradient clipping after the hook (``clip_grad_norm_``, Lightning's ``gradient_clip_val``,
+the HF Trainer's ``max_grad_norm``) would clip Adam's update direction, not the gradient:
+leave it off (the integrations refuse it); Adam's normalisation bounds each coordinate's
+step already.
+
 With every gradient sent (density 1) it is AdamW with each rank's second moment in place
 of the global one. Why AdamW itself fails with sparse gradients is in
 :mod:`gradsparse.precondition`.
@@ -15,7 +24,7 @@ of the global one. Why AdamW itself fails with sparse gradients is in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -36,7 +45,8 @@ class SparseAdamW(torch.optim.Optimizer):
         eps: added to the second moment's root, in the hook's preconditioner.
         weight_decay: decoupled weight decay, as ``torch.optim.AdamW``'s.
         hook: the :class:`~gradsparse.SparseHookState` registered on the DDP model whose
-            parameters these are (or the Horovod optimizer's ``hook_state``).
+            parameters these are (or the Horovod optimizer's ``hook_state``); or None, and
+            :meth:`attach` it before the first step (the integrations do).
         first_moment: ``"local"`` (default): each rank keeps the first moment of its own
             normalised gradient before compression, and what is compressed is Adam's
             update direction; ``"global"``: the first moment is taken here, of the
@@ -60,7 +70,7 @@ class SparseAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        hook: SparseHookState,
+        hook: Optional[SparseHookState] = None,
         first_moment: str = "local",
         vector_first_moment: bool = False,
     ) -> None:
@@ -68,33 +78,52 @@ class SparseAdamW(torch.optim.Optimizer):
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"Expected argument `betas` to be a pair of floats in [0, 1), but got {betas!r}.")
         check_probability("betas[0]", betas[0])
+        check_probability("betas[1]", betas[1])
+        check_nonnegative("eps", eps, positive=True)
         check_nonnegative("weight_decay", weight_decay)
+        check_choice("first_moment", first_moment, ("local", "global"))
+        self.first_moment = first_moment
+        self.vector_first_moment = bool(vector_first_moment)
+        #: the first moment is kept by the hook's preconditioner, before compression
+        self.local_first_moment = False
+        self.hook: Optional[SparseHookState] = None
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        if first_moment == "local":
+            self._shared_beta1()
+        if hook is not None:
+            self.attach(hook)
+
+    def attach(self, hook: SparseHookState) -> None:
+        """Install this optimizer's moments in ``hook`` (the state registered on the DDP
+        model whose parameters these are), before the first step."""
         if not isinstance(hook, SparseHookState):
             raise ValueError(
                 "Expected argument `hook` to be the SparseHookState registered on the model "
                 f"(what gradsparse.register_sparse_hook returns), but got {hook!r}."
             )
-        check_choice("first_moment", first_moment, ("local", "global"))
-        #: the first moment is kept by the hook's preconditioner, before compression
-        self.local_first_moment = first_moment == "local" and not hook.options.momentum
-        preconditioner = AdamPreconditioner(
-            betas[1], eps, betas[0] if self.local_first_moment else 0.0, vector_first_moment=vector_first_moment
-        )
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        if self.local_first_moment:
-            self._shared_beta1()
-        hook.precondition(preconditioner)
+        if self.hook is hook:
+            return  # attached already (a second fit): its moments stay
+        if self.hook is not None:
+            raise ValueError("this SparseAdamW is attached to another SparseHookState already")
+        self.local_first_moment = self.first_moment == "local" and not hook.options.momentum
+        beta1 = self._shared("betas[0]", lambda group: group["betas"][0]) if self.local_first_moment else 0.0
+        beta2 = self._shared("betas[1]", lambda group: group["betas"][1])
+        eps = self._shared("eps", lambda group: group["eps"])
+        hook.precondition(AdamPreconditioner(beta2, eps, beta1, vector_first_moment=self.vector_first_moment))
         self.hook = hook
 
-    def _shared_beta1(self) -> float:
-        """The groups' ``betas[0]``, which the hook's one preconditioner applies to all."""
-        found = {float(group["betas"][0]) for group in self.param_groups}
+    def _shared(self, what: str, read: Callable[[Dict[str, Any]], float]) -> float:
+        """The groups' ``what``, which the hook's one preconditioner applies to all."""
+        found = {float(read(group)) for group in self.param_groups}
         if len(found) > 1:
             raise ValueError(
-                "Expected every parameter group of SparseAdamW to have the same `betas[0]` with "
-                f"first_moment='local' (one first moment is kept before compression), but got {sorted(found)}."
+                f"Expected every parameter group of SparseAdamW to have the same `{what}` (one "
+                f"preconditioner applies it before compression), but got {sorted(found)}."
             )
         return found.pop()
+
+    def _shared_beta1(self) -> float:
+        return self._shared("betas[0]", lambda group: group["betas"][0])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -104,12 +133,19 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        hook = self.hook
+        if hook is None:
+            raise RuntimeError(
+                "SparseAdamW stepped before a SparseHookState was attached: pass hook= (what "
+                "gradsparse.register_sparse_hook returns) or call attach(state), or train with a "
+                "gradsparse integration, which attaches it"
+            )
         if self.local_first_moment:  # for the next gradients, as a momentum schedule set it now
-            assert self.hook.preconditioner is not None
-            self.hook.preconditioner.beta1 = self._shared_beta1()
+            assert hook.preconditioner is not None
+            hook.preconditioner.beta1 = self._shared_beta1()
         for group in self.param_groups:
             lr, wd, beta1 = group["lr"], group["weight_decay"], group["betas"][0]
-            corrected = self.hook.options.momentum  # the hook keeps the first moment
+            corrected = hook.options.momentum  # the hook keeps the first moment
             if corrected:
                 beta1, lr = 0.0, lr * (1.0 - corrected)
             elif self.local_first_moment:

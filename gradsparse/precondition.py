@@ -71,8 +71,9 @@ class AdamPreconditioner:
         ``buffer`` with it, then divide the span by the moment's bias-corrected root, in
         place; with :attr:`beta1`, replace it by its bias-corrected first moment, except for
         the parameters named in ``vectors`` (fewer than two dimensions: biases, norms) unless
-        :attr:`vector_first_moment`. Without a first moment, a span that is all zeros (no
-        gradient this step) stays zero."""
+        :attr:`vector_first_moment`. A span that is all zeros (no gradient this step: a
+        parameter no forward used) stays zero and its moments stay as they were (its step
+        count, which sets the bias correction, still advances)."""
         beta1, beta2 = self.beta1, self.beta2
         for name, offset, numel in segments:
             grad = buffer[offset : offset + numel]
@@ -81,7 +82,10 @@ class AdamPreconditioner:
                 v = self.second_moments[name] = torch.zeros_like(grad)
                 self.steps[name] = 0
             self.steps[name] += 1
-            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            # a parameter that received no gradient (all zeros) keeps its moments, as AdamW
+            # skips it, and stays zero; decided on the device (no host read)
+            used = grad.any()
+            v.mul_(torch.where(used, beta2, 1.0)).addcmul_(grad, grad, value=1.0 - beta2)
             denom = reusable(self._scratch, name, grad.shape, grad)  # no allocation per step
             torch.div(v, 1.0 - beta2 ** self.steps[name], out=denom).sqrt_().add_(self.eps)
             grad.div_(denom)
@@ -89,8 +93,9 @@ class AdamPreconditioner:
                 m = self.first_moments.get(name)
                 if m is None or m.shape != grad.shape or m.dtype != grad.dtype:
                     m = self.first_moments[name] = torch.zeros_like(grad)
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                torch.div(m, 1.0 - beta1 ** self.steps[name], out=grad)
+                m.mul_(torch.where(used, beta1, 1.0)).add_(grad, alpha=1.0 - beta1)
+                correction = torch.where(used, 1.0 - beta1 ** self.steps[name], float("inf"))
+                torch.div(m, correction, out=grad)  # zero when unused
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)

@@ -7,9 +7,14 @@ is sent in the next steps. For a block ``x`` of ``block`` entries the decoded va
 ``sign(x) * mean(|x|)`` (zero counts as positive), the scaled sign closest to ``x`` in
 the least-squares sense, with the scale rounded to bfloat16 (it has float32's range; the
 rounding is error feedback's to keep, like the rest). A block of zeros decodes to zeros.
+Given the sizes of the tensors a flat buffer holds (:meth:`ScaledSign.blocks_of`), blocks
+never straddle two of them: each tensor's magnitudes get their own scales, and a tensor
+with no gradient (a parameter no forward used) decodes to zeros, not to its neighbours'
+scale.
 
-The message of ``n`` entries is ``ceil(n / 8)`` bytes of packed signs and
-``ceil(n / block)`` bfloat16 scales (1.06 bits per entry at the default block of 256); the
+The message of ``n`` entries is ``ceil(n / 8)`` bytes of packed signs and one bfloat16
+scale per block (``ceil(n / block)`` for one tensor; 1.06 bits per entry at the default
+block of 256); the
 sign route (:mod:`gradsparse.engine.routes.sign`) gathers it with an equal-size allgather
 and sums the decoded messages in rank order. Pair it with
 :class:`gradsparse.optim.SparseAdamW` for AdamW (docs/optimizers.md).
@@ -17,8 +22,8 @@ and sums the decoded messages in rank order. Pair it with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -26,7 +31,7 @@ from gradsparse.checks import check_int
 from gradsparse.compressors.base import Compressor, CompressorState
 from gradsparse.payload import SparsePayload, index_dtype_for
 
-__all__ = ["ScaledSign", "pack_signs", "unpack_signs"]
+__all__ = ["ScaledSign", "SignBlocks", "pack_signs", "unpack_signs"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -51,6 +56,22 @@ def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.
 
 
 @dataclass(frozen=True)
+class SignBlocks:
+    """How a flat buffer of ``numel`` entries splits into scaled-sign blocks: ``count``
+    blocks, each tensor's own (the last block of each is short). ``ids`` gives each entry's
+    block and ``sizes`` each block's entries; both are None when the blocks are the plain
+    ``block``-sized runs of the buffer (every tensor but the last a multiple of ``block``).
+    ``owners`` gives each block's tensor (of ``tensors``; None: one tensor)."""
+
+    numel: int
+    count: int
+    ids: Optional[torch.Tensor] = None
+    sizes: Optional[torch.Tensor] = None
+    owners: Optional[torch.Tensor] = None
+    tensors: int = 1
+
+
+@dataclass(frozen=True)
 class ScaledSign(Compressor):
     """Every entry as one bit, its sign, times its block's mean magnitude.
 
@@ -67,15 +88,36 @@ class ScaledSign(Compressor):
     def __post_init__(self) -> None:
         check_int("block", self.block, minimum=1)
 
-    def blocks(self, numel: int) -> int:
-        """How many scales a tensor of ``numel`` entries has."""
-        return (numel + self.block - 1) // self.block
+    def blocks(self, numel: int) -> SignBlocks:
+        """The blocks of one tensor of ``numel`` entries."""
+        return SignBlocks(numel, (numel + self.block - 1) // self.block)
 
-    def scales(self, values: torch.Tensor) -> torch.Tensor:
-        """Each block's mean magnitude (the last block's over the entries it has), as
-        bfloat16."""
+    def blocks_of(self, sizes: Sequence[int], device: torch.device) -> SignBlocks:
+        """The blocks of a flat buffer holding tensors of ``sizes`` entries, one after
+        another: none straddles two tensors. Made once per buffer layout."""
+        sizes = [int(n) for n in sizes if n]
+        numel, block = sum(sizes), self.block
+        per_tensor = [(n + block - 1) // block for n in sizes]
+        owners = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), torch.tensor(per_tensor, dtype=torch.int64, device=device)
+        )
+        if all(n % block == 0 for n in sizes[:-1]):
+            return replace(self.blocks(numel), owners=owners, tensors=len(sizes))
+        runs = [c for n in sizes for c in [block] * (n // block) + ([n % block] if n % block else [])]
+        counts = torch.tensor(runs, dtype=torch.int64, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(runs), device=device), counts)
+        return SignBlocks(numel, len(runs), ids, counts, owners, len(sizes))
+
+    def scales(self, values: torch.Tensor, blocks: Optional[SignBlocks] = None) -> torch.Tensor:
+        """Each block's mean magnitude (over the entries it has), as bfloat16."""
         n = values.numel()
-        padded = torch.zeros(self.blocks(n) * self.block, dtype=values.dtype, device=values.device)
+        blocks = blocks or self.blocks(n)
+        if blocks.ids is not None:
+            assert blocks.sizes is not None
+            sums = torch.zeros(blocks.count, dtype=values.dtype, device=values.device)
+            sums.index_add_(0, blocks.ids, values.abs())
+            return sums.div_(blocks.sizes).to(torch.bfloat16)
+        padded = torch.zeros(blocks.count * self.block, dtype=values.dtype, device=values.device)
         padded[:n] = values.abs()
         sums = padded.view(-1, self.block).sum(dim=1)
         counts = torch.full_like(sums, float(self.block))
@@ -83,16 +125,46 @@ class ScaledSign(Compressor):
             counts[-1] = n % self.block
         return sums.div_(counts).to(torch.bfloat16)
 
-    def encode(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(packed signs, block scales) of the flat ``values``."""
-        return pack_signs(values), self.scales(values)
+    def idle_tensors(self, grads: torch.Tensor, blocks: SignBlocks) -> torch.Tensor:
+        """Per tensor of ``blocks``, whether its entries of the flat ``grads`` are all zero
+        (a parameter that received no gradient; NaN counts as nonzero), on the device: one
+        read pass."""
+        nonzero = grads.ne(0).to(torch.float32)
+        if blocks.ids is not None:
+            per_block = torch.zeros(blocks.count, device=grads.device).index_add_(0, blocks.ids, nonzero)
+        else:
+            padded = torch.zeros(blocks.count * self.block, device=grads.device)
+            padded[: grads.numel()] = nonzero
+            per_block = padded.view(-1, self.block).sum(dim=1)
+        if blocks.owners is None:
+            return (per_block.sum() == 0).reshape(1)
+        return torch.zeros(blocks.tensors, device=grads.device).index_add_(0, blocks.owners, per_block) == 0
+
+    def encode(
+        self, values: torch.Tensor, blocks: Optional[SignBlocks] = None, idle: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(packed signs, block scales) of the flat ``values``; the blocks of the tensors
+        ``idle`` flags (from :meth:`idle_tensors`) are sent with a zero scale: nothing of
+        them, their error feedback whole."""
+        scales = self.scales(values, blocks)
+        if idle is not None and scales.numel():
+            owners = blocks.owners if blocks is not None else None
+            scales.masked_fill_(idle[owners] if owners is not None else idle.expand(scales.shape), 0.0)
+        return pack_signs(values), scales
 
     def decode(
-        self, signs: torch.Tensor, scales: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32
+        self,
+        signs: torch.Tensor,
+        scales: torch.Tensor,
+        numel: int,
+        dtype: torch.dtype = torch.float32,
+        blocks: Optional[SignBlocks] = None,
     ) -> torch.Tensor:
         """The ``numel`` values, of ``dtype``, that ``(signs, scales)`` stand for."""
         decoded = unpack_signs(signs, numel, dtype)
         scales = scales.to(dtype)
+        if blocks is not None and blocks.ids is not None:
+            return decoded.mul_(scales.index_select(0, blocks.ids))
         whole = numel - numel % self.block
         decoded[:whole].view(-1, self.block).mul_(scales[: numel // self.block].unsqueeze(1))
         if numel % self.block:

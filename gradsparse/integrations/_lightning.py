@@ -15,7 +15,9 @@ class LightningHook(HookOnModel):
     """Registers the hook on the strategy's DDP model at fit start, on CPU and GPU alike
     (``DDPStrategy(ddp_comm_hook=...)`` registers only on CUDA), under the subprocess and
     the spawn launchers; logs the statistics every ``log_every_n_steps`` (default: the
-    Trainer's) through ``pl_module.log``, from rank 0."""
+    Trainer's) through ``pl_module.log``, from rank 0. A
+    :class:`~gradsparse.optim.SparseAdamW` that ``configure_optimizers`` built without
+    ``hook=`` gets the hook's state at fit start."""
 
     def __init__(self, *args: Any, log_every_n_steps: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -23,7 +25,8 @@ class LightningHook(HookOnModel):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.register(trainer.strategy.model, f"the {type(trainer.strategy).__name__}'s model")
-        self.check_optimizers(getattr(trainer, "optimizers", []))
+        clip = getattr(trainer, "gradient_clip_val", None)
+        self.check_optimizers(getattr(trainer, "optimizers", []), f"gradient_clip_val={clip}" if clip else None)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps

@@ -143,6 +143,7 @@ def _reenter(spelling):
         ("topk", {"density": 0.05}),
         ("topk", {"density": 0.05, "collective": "shared_topk"}),
         ("topk", {"density": 0.05, "sync_free": True}),
+        ("sign", {"block": 64}),  # its own route; each parameter's own blocks
     ],
 )
 def test_compiled_ddp_calls_the_hook_per_parameter(compressor, params, spelling):

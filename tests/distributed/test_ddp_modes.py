@@ -106,13 +106,13 @@ def _backward(ddp, model, rank, step, branch, mode):
     ddp(_batch(model, rank, step), use_branch=use).float().pow(2).mean().backward()
 
 
-def _conservation(rank, world, mode, collective="allgather"):
+def _conservation(rank, world, mode, collective="allgather", compressor=("topk", {"density": 0.05})):
     kwargs, prepare, branch = MODES[mode]
     model = _model(prepare)
     ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
-    topk = gs.compressors.build("topk", density=0.05)
-    state = gs.SparseHookState(topk, collective=collective, named_parameters=model.named_parameters())
+    chosen = gs.compressors.build(compressor[0], **compressor[1])
+    state = gs.SparseHookState(chosen, collective=collective, named_parameters=model.named_parameters())
     rec = _Recorder(state, names)
     ddp.register_comm_hook(rec, recording_hook)
     applied = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in model.named_parameters()}
@@ -166,6 +166,18 @@ def test_update_plus_residual_is_the_sum_of_local_gradients(mode):
 def test_shared_topk_conserves_in_every_mode(mode):
     """The same per-parameter check with one leader's indices per bucket (shared_topk)."""
     checked = run_distributed(_conservation, 2, mode, "shared_topk")
+    assert all(c >= 3 for c in checked), checked
+
+
+SIGN_MODES = ["gradient_as_bucket_view", "static_graph", "unused_on_all_ranks", "unused_on_one_rank", "no_sync", "bf16"]
+
+
+@pytest.mark.parametrize("mode", SIGN_MODES)
+def test_sign_conserves_in_the_modes_that_change_its_input(mode):
+    """The same check on the sign route (every parameter's blocks its own), in the modes
+    that change what reaches a route (its other stages are the device route's): an idle
+    branch keeps its residual, sent with a zero scale."""
+    checked = run_distributed(_conservation, 2, mode, "allgather", ("sign", {"block": 64}))
     assert all(c >= 3 for c in checked), checked
 
 

@@ -33,6 +33,7 @@ def _masks_consistent(rank, world):
         ("set", "sampled_topk", {"density": 0.05}),
         ("magnitude", "none", {}),
         ("rigl", "topk", {"density": 0.05, "collective": "shared_topk"}),  # the leader selects among active weights
+        ("rigl", "sign", {}),  # blocks of each weight's active entries, remade as the masks regrow
     ):
         model = _model()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -57,7 +58,7 @@ def _masks_consistent(rank, world):
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         copies = gather_all(flat)
         assert all(torch.equal(copies[0], c) for c in copies), f"{criterion}: replicas differ"
-        results[f"{criterion}/{params.get('collective', 'allgather')}"] = (
+        results[f"{criterion}/{compressor}/{params.get('collective', 'allgather')}"] = (
             masker.global_sparsity(),
             sum(losses[:5]) / 5,
             sum(losses[-5:]) / 5,

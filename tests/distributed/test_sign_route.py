@@ -14,9 +14,10 @@ from .test_sync_free import assert_faults_reached_every_rank, assert_no_host_syn
 
 
 def _scaled_sign(values: torch.Tensor, block: int) -> torch.Tensor:
-    """What a rank sends, written out apart from the compressor: per block of ``block``
-    entries, sign (zero counts as +) times the block's mean magnitude rounded to bfloat16."""
-    out = torch.empty(values.numel(), dtype=torch.float64)
+    """What a rank sends of one parameter, written out apart from the compressor: per block
+    of ``block`` entries (the parameter's own), sign (zero counts as +) times the block's
+    mean magnitude rounded to bfloat16."""
+    out = torch.zeros(values.numel(), dtype=torch.float64)
     for start in range(0, values.numel(), block):
         chunk = values[start : start + block].double()
         scale = chunk.abs().mean().float().to(torch.bfloat16).double()
@@ -24,33 +25,54 @@ def _scaled_sign(values: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(300, 40)  # 12000 + 40 entries: partial last blocks for 64 and 1000
+        self.idle = nn.Linear(10, 7)  # no forward uses it
+
+    def forward(self, x):
+        return self.lin(x)
+
+
 def _exact_and_conserved(rank, world, block):
+    """Each parameter's sum against the ranks' scaled signs of that parameter alone (blocks
+    never straddle two), conservation, identical replicas; the parameter no forward uses
+    (find_unused_parameters) sends zeros and keeps no residual."""
     torch.manual_seed(0)
-    model = nn.Linear(300, 40, bias=False)  # 12000 entries: a partial last block for 64 and 1000
-    ddp = nn.parallel.DistributedDataParallel(model)
+    model = _Net()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     state = gs.register_sparse_hook(ddp, "sign", block=block, min_compress_numel=0)
     assert state.policy.route.name == "sign"
-    numel = model.weight.numel()
+    used = ["lin.weight", "lin.bias"]
     for step in range(3):
         x = torch.randn(8, 300, generator=torch.Generator().manual_seed(100 * step + rank))
-        before = state.feedback.residual("weight")
-        before = torch.zeros(numel) if before is None else before.clone()
-        local = nn.Linear(300, 40, bias=False)
-        local.load_state_dict(model.state_dict())
+        residuals = {n: state.feedback.residual(n) for n in used}
+        before = {
+            n: torch.zeros(p.numel()) if residuals[n] is None else residuals[n].clone()
+            for n, p in zip(used, model.lin.parameters())
+        }
+        local = nn.Linear(300, 40)
+        local.load_state_dict(model.lin.state_dict())
         local(x).pow(2).sum().backward()  # this rank's own gradient, computed apart
         ddp.zero_grad()
         ddp(x).pow(2).sum().backward()
-        compensated = gather_all(local.weight.grad.reshape(-1) + before)
-        after = gather_all(state.feedback.residual("weight").clone())
-        out = model.weight.grad.reshape(-1)
-        reference = sum(_scaled_sign(c, block) for c in compensated)
-        assert_close(out.double() * world, reference, rtol=4e-3, atol=1e-6)  # a bfloat16 rounding apart at most
-        # conservation: what came in (gradients + old residuals) is what was summed plus kept
-        kept = sum(a.double() for a in after)
-        assert_close(out.double() * world + kept, sum(c.double() for c in compensated), rtol=1e-5, atol=1e-6)
-        copies = gather_all(out)
-        assert all(torch.equal(copies[0], c) for c in copies), "replicas differ"
-    assert state.counters.selected == 3 * numel
+        for name, mine, param in zip(used, (local.weight, local.bias), (model.lin.weight, model.lin.bias)):
+            compensated = gather_all(mine.grad.reshape(-1) + before[name])
+            after = gather_all(state.feedback.residual(name).clone())
+            out = param.grad.reshape(-1)
+            reference = sum(_scaled_sign(c, block) for c in compensated)
+            assert_close(out.double() * world, reference, rtol=4e-3, atol=1e-6)  # a bfloat16 rounding apart at most
+            # conservation: what came in (gradients + old residuals) is what was summed plus kept
+            kept = sum(a.double() for a in after)
+            assert_close(out.double() * world + kept, sum(c.double() for c in compensated), rtol=1e-5, atol=1e-6)
+            copies = gather_all(out)
+            assert all(torch.equal(copies[0], c) for c in copies), "replicas differ"
+        for name in ("idle.weight", "idle.bias"):
+            residual = state.feedback.residual(name)
+            assert residual is None or not residual.any(), f"{name} gathered a residual"
+    assert all(p.grad is None for p in model.idle.parameters())
+    assert state.counters.selected == 3 * sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("world,block", [(2, 64), (3, 1000)])
@@ -77,7 +99,7 @@ def _mismatched_blocks(rank, world):
 
 def test_ranks_with_different_block_sizes_stop():
     for error in run_distributed(_mismatched_blocks, 2):
-        assert "PeerError" in error and "rank 0: (12000, 64), rank 1: (12000, 128)" in error, error
+        assert "PeerError" in error and "rank 0: (12000, 64, 188), rank 1: (12000, 128, 94)" in error, error
 
 
 def test_a_step_makes_no_host_sync():

@@ -1,7 +1,9 @@
 """A Lightning run on 2 CPU ranks with the SparseGradients callback.
 
-    python lightning_script.py PACKAGE STRATEGY OUT     (PACKAGE: lightning | pytorch_lightning;
-                                                          STRATEGY: ddp | ddp_spawn)
+    python lightning_script.py PACKAGE STRATEGY OUT [COLLECTIVE [OPTIMIZER]]
+        PACKAGE: lightning | pytorch_lightning; STRATEGY: ddp | ddp_spawn;
+        OPTIMIZER: sgd (top-k) | sparse_adamw (sign; SparseAdamW built in configure_optimizers
+        without its hook, which the callback attaches)
 
 With ddp_spawn the hook state is built in the parent and pickled into the workers with the
 model. Rank 0 writes OUT/result.json; the metrics land in OUT's CSV logs."""
@@ -20,6 +22,8 @@ from tests.integrations.shutdown import drain, shut_down
 
 PACKAGE, STRATEGY, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 COLLECTIVE = sys.argv[4] if len(sys.argv) > 4 else "allgather"
+OPTIMIZER = sys.argv[5] if len(sys.argv) > 5 else "sgd"
+COMPRESSOR, OPTIONS = ("sign", {}) if OPTIMIZER == "sparse_adamw" else ("topk", {"density": 0.05})
 pl = importlib.import_module("lightning.pytorch" if PACKAGE == "lightning" else "pytorch_lightning")
 integration = importlib.import_module(f"gradsparse.integrations.{PACKAGE}")
 
@@ -35,6 +39,8 @@ class Tiny(pl.LightningModule):
         return nn.functional.cross_entropy(self.net(x), y)
 
     def configure_optimizers(self):
+        if OPTIMIZER == "sparse_adamw":
+            return gs.optim.SparseAdamW(self.parameters(), lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
@@ -51,9 +57,16 @@ class Check(pl.Callback):
         assert all(torch.equal(copies[0], c) for c in copies), "replicas diverged"
         stats = self.sparse.state.stats()
         assert stats["steps"] == trainer.global_step, (stats["steps"], trainer.global_step)
+        moments = {}
+        if OPTIMIZER == "sparse_adamw":  # attached at fit start: the hook took Adam's moments every step
+            (opt,) = trainer.optimizers
+            pre = self.sparse.state.preconditioner
+            assert opt.hook is self.sparse.state and pre is not None
+            moments = {"moment_steps": sorted(set(pre.steps.values())), "first_moments": sorted(pre.first_moments)}
         if trainer.global_rank == 0:
             names = sorted(self.sparse.state.feedback.names())
-            (OUT / "result.json").write_text(json.dumps({**stats, "names": names, "world": dist.get_world_size()}))
+            result = {**stats, **moments, "names": names, "world": dist.get_world_size()}
+            (OUT / "result.json").write_text(json.dumps(result))
         del copies, flat
         drain()  # the all_gather's work must be let go before this process ends (tests/integrations/shutdown.py)
 
@@ -64,12 +77,13 @@ def main() -> None:
     data = torch.utils.data.TensorDataset(x, (x[:, :5] * 3).argmax(1))
     model = Tiny()
     if STRATEGY == "ddp_spawn":  # built in the parent, pickled into the workers
+        compressor = gs.compressors.build(COMPRESSOR, **OPTIONS)
         state = gs.SparseHookState(
-            "topk", named_parameters=model.named_parameters(), min_compress_numel=0, collective=COLLECTIVE
+            compressor, named_parameters=model.named_parameters(), min_compress_numel=0, collective=COLLECTIVE
         )
         sparse = integration.SparseGradients(state=state)
     else:
-        sparse = integration.SparseGradients("topk", density=0.05, min_compress_numel=0, collective=COLLECTIVE)
+        sparse = integration.SparseGradients(COMPRESSOR, **OPTIONS, min_compress_numel=0, collective=COLLECTIVE)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

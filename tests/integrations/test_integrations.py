@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -36,41 +37,68 @@ PARAMETERS = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4
 
 
 @pytest.mark.parametrize(
-    "package,strategy,collective",
+    "package,strategy,collective,optimizer",
     [
-        ("lightning", "ddp", "allgather"),
-        ("lightning", "ddp_spawn", "allgather"),
-        ("pytorch_lightning", "ddp", "allgather"),
-        ("pytorch_lightning", "ddp_spawn", "allgather"),
-        ("lightning", "ddp_spawn", "shared_topk"),  # the state pickled into the workers
+        ("lightning", "ddp", "allgather", "sgd"),
+        ("lightning", "ddp_spawn", "allgather", "sparse_adamw"),  # SparseAdamW built in the workers
+        ("pytorch_lightning", "ddp", "allgather", "sparse_adamw"),
+        ("pytorch_lightning", "ddp_spawn", "allgather", "sgd"),
+        ("lightning", "ddp_spawn", "shared_topk", "sgd"),  # the state pickled into the workers
     ],
 )
-def test_lightning_callback_registers_the_hook_on_cpu_and_logs_its_stats(package, strategy, collective, tmp_path):
+def test_lightning_callback_registers_the_hook_on_cpu_and_logs_its_stats(
+    package, strategy, collective, optimizer, tmp_path
+):
     pytest.importorskip(package, reason=f"{package} is not installed: pip install 'gradsparse[lightning]'")
-    _run([sys.executable, str(HERE / "lightning_script.py"), package, strategy, str(tmp_path), collective])
+    _run([sys.executable, str(HERE / "lightning_script.py"), package, strategy, str(tmp_path), collective, optimizer])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world"] == 2 and result["steps"] == 8
     assert 0 < result["bytes_sent"] < result["dense_bytes"] / 5
     assert result["names"] == sorted(PARAMETERS)  # keyed by name, also in spawned workers
+    if optimizer == "sparse_adamw":  # attached by the callback: Adam's moments taken in the hook at every step
+        assert result["moment_steps"] == [8]
+        assert result["first_moments"] == [p for p in sorted(PARAMETERS) if p.endswith("weight")]
     (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     logged = [float(r["gradsparse/bytes_sent"]) for r in rows if r.get("gradsparse/bytes_sent")]
     assert len(logged) >= 3 and logged == sorted(logged) and logged[-1] > 0  # cumulative, every 2 steps
 
 
-@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
-def test_transformers_trainer_in_one_line_with_find_unused_parameters(collective, tmp_path):
+@pytest.mark.parametrize(
+    "collective,optimizer", [("allgather", "adamw"), ("shared_topk", "adamw"), ("allgather", "sparse_adamw")]
+)
+def test_transformers_trainer_in_one_line_with_find_unused_parameters(collective, optimizer, tmp_path):
     pytest.importorskip("transformers", reason="transformers is not installed: pip install 'gradsparse[transformers]'")
     out = tmp_path / "result.json"
-    _run(_torchrun(HERE / "transformers_script.py", str(out), str(tmp_path / "trainer"), collective))
+    _run(_torchrun(HERE / "transformers_script.py", str(out), str(tmp_path / "trainer"), collective, optimizer))
     result = json.loads(out.read_text())
+    if optimizer == "sparse_adamw":  # built by the Trainer from its arguments, in the same one line
+        assert result["optimizer"] == "SparseAdamW" and result["moment_steps"] == [8]
+        assert result["decayed"] == [p for p in [*PARAMETERS, "unused.weight"] if p.endswith("weight")]
+    else:
+        assert result["optimizer"] == "AdamW"
     assert result["steps"] == 8 and 0 < result["bytes_sent"] < result["dense_bytes"] / 5
     assert result["history"] >= 3 and result["seen"] >= 3  # in the Trainer's logs and what report_to sees
     assert result["names"] == sorted(PARAMETERS)
     assert result["idle_residual"] == 0.0  # the parameter no forward uses never gets a residual
 
 
-@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_transformers_helper_refuses_gradient_clipping_with_sparse_adamw(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="pip install 'gradsparse[transformers]'")
+    from gradsparse.integrations.transformers import sparse_gradients
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = transformers.Trainer(model=torch.nn.Linear(4, 2), args=args)
+    with pytest.raises(ValueError, match=r"max_grad_norm=1\.0 would clip SparseAdamW's update direction"):
+        sparse_gradients(trainer, "sign", sparse_adamw=True)  # the Trainer's default clips
+    assert trainer.optimizer_cls_and_kwargs is None and not trainer.callback_handler.callbacks[0:0]
+    args.max_grad_norm = 0.0
+    trainer.create_optimizer()  # the Trainer's own AdamW
+    with pytest.raises(ValueError, match="the Trainer was given one"):
+        sparse_gradients(trainer, "sign", sparse_adamw=True)
+
+
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk", "sparse_adamw"])
 def test_accelerate_prepared_model_with_gradient_accumulation(collective, tmp_path):
     pytest.importorskip("accelerate", reason="accelerate is not installed: pip install 'gradsparse[accelerate]'")
     out = tmp_path / "result.json"
@@ -80,3 +108,4 @@ def test_accelerate_prepared_model_with_gradient_accumulation(collective, tmp_pa
     assert result["batches"] == 16
     assert result["steps"] == result["batches"] // 2  # the hook runs on the synchronising steps only
     assert 0 < result["bytes_sent"] < result["dense_bytes"] / 5
+    assert result["moment_steps"] == ([result["steps"]] if collective == "sparse_adamw" else [])

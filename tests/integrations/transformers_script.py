@@ -1,6 +1,7 @@
 """A Hugging Face Trainer run on 2 CPU ranks (under torchrun) with one line of gradsparse,
 ddp_find_unused_parameters on and a parameter no forward uses. Rank 0 writes argv[1]; argv[3],
-if given, is the collective."""
+if given, is the collective; argv[4], if given, the optimizer: adamw (top-k; the Trainer's
+AdamW) or sparse_adamw (sign; the Trainer builds SparseAdamW, in the same line)."""
 
 import json
 import sys
@@ -12,6 +13,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from gradsparse.integrations.transformers import sparse_gradients
 from tests.integrations.shutdown import shut_down
+
+OPTIMIZER = sys.argv[4] if len(sys.argv) > 4 else "adamw"
 
 
 class Tiny(nn.Module):
@@ -46,7 +49,9 @@ def main() -> None:
         per_device_train_batch_size=8,
         max_steps=8,
         logging_steps=2,
-        learning_rate=0.05,
+        learning_rate=0.05 if OPTIMIZER == "adamw" else 0.01,
+        weight_decay=0.1,
+        max_grad_norm=1.0 if OPTIMIZER == "adamw" else 0.0,
         report_to="none",
         use_cpu=True,
         ddp_backend="gloo",
@@ -59,7 +64,10 @@ def main() -> None:
     model = Tiny()
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[logs])
     collective = sys.argv[3] if len(sys.argv) > 3 else "allgather"
-    sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0, collective=collective)
+    if OPTIMIZER == "sparse_adamw":
+        sparse = sparse_gradients(trainer, "sign", min_compress_numel=0, sparse_adamw=True)
+    else:
+        sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0, collective=collective)
     trainer.train()
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -73,6 +81,19 @@ def main() -> None:
         idle = sum(float(feedback.residual(n).abs().sum()) for n in feedback.names() if n.startswith("unused."))
         names = sorted(n for n in feedback.names() if not n.startswith("unused."))
         result = {**stats, "history": len(history), "seen": len(seen), "names": names, "idle_residual": idle}
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+        result["optimizer"] = type(optimizer).__name__
+        if OPTIMIZER == "sparse_adamw":  # built by the Trainer from its arguments, attached at train begin
+            pre = sparse.state.preconditioner
+            assert optimizer.hook is sparse.state and pre is not None
+            decayed = {
+                n
+                for g in optimizer.param_groups
+                if g["weight_decay"]
+                for n, p in model.named_parameters()
+                if any(p is q for q in g["params"])
+            }
+            result.update(moment_steps=sorted(set(pre.steps.values())), decayed=sorted(decayed))
         with open(sys.argv[1], "w") as fh:
             json.dump(result, fh)
     del copies, flat

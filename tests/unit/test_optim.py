@@ -52,3 +52,39 @@ def test_integrations_warn_about_an_adaptive_optimizer_without_the_preconditione
     assert on_model.state is not None
     gs.optim.SparseAdamW(params, hook=on_model.state)
     assert not on_model.check_optimizers([torch.optim.AdamW(params)])  # SparseAdamW: its docs say it
+
+
+def test_sparse_adamw_built_without_its_hook_is_attached_once_before_stepping():
+    params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
+    opt = gs.optim.SparseAdamW(params, lr=0.1, betas=(0.8, 0.95), eps=1e-6)
+    params[0].grad = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="stepped before a SparseHookState was attached"):
+        opt.step()  # it would apply raw gradients as Adam's update direction
+    state = gs.SparseHookState("sign")
+    opt.attach(state)
+    pre = state.preconditioner
+    assert pre is not None and (pre.beta1, pre.beta2, pre.eps) == (0.8, 0.95, 1e-6)
+    opt.attach(state)  # a second fit: the same moments stay
+    assert state.preconditioner is pre
+    with pytest.raises(ValueError, match="attached to another SparseHookState"):
+        opt.attach(gs.SparseHookState("sign"))
+    with pytest.raises(ValueError, match="`hook` to be the SparseHookState"):
+        gs.optim.SparseAdamW(params).attach(object())  # type: ignore[arg-type]
+    groups = [{"params": params[:1], "eps": 1e-6}, {"params": params[1:], "eps": 1e-8}]
+    with pytest.raises(ValueError, match=r"the same `eps`.*\[1e-08, 1e-06\]"):
+        gs.optim.SparseAdamW(groups, hook=gs.SparseHookState("sign"))
+    opt.step()  # the gradient is the update direction: -lr times it (weight decay of zeros is zero)
+    assert torch.equal(params[0], torch.full((2, 3), -0.1)) and not params[1].any()
+
+
+def test_integrations_attach_sparse_adamw_and_refuse_clipping_with_it():
+    from gradsparse.integrations._registration import HookOnModel
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    on_model = HookOnModel(state=gs.SparseHookState("sign"))
+    opt = gs.optim.SparseAdamW(params)
+    with pytest.raises(ValueError, match=r"gradient_clip_val=1\.0 would clip SparseAdamW's update direction"):
+        on_model.check_optimizers([opt], "gradient_clip_val=1.0")
+    assert opt.hook is None and on_model.state is not None and on_model.state.preconditioner is None
+    assert not on_model.check_optimizers([opt])  # attached: nothing to warn about
+    assert opt.hook is on_model.state and on_model.state.preconditioner is not None

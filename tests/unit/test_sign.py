@@ -13,6 +13,19 @@ from gradsparse.error_feedback import ErrorFeedback, keep_error
 from gradsparse.precondition import AdamPreconditioner
 
 
+def _scaled_signs(values, sizes, block):
+    """Each tensor's ``block``-sized runs as sign times mean magnitude (the scale rounded to
+    bfloat16, as sent), written out apart from the compressor, in float64."""
+    expected, at = torch.empty(values.numel(), dtype=torch.float64), 0
+    for size in sizes:
+        for start in range(at, at + size, block):
+            chunk = values[start : min(start + block, at + size)].double()
+            scale = chunk.abs().mean().float().to(torch.bfloat16).double()
+            expected[start : start + chunk.numel()] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+        at += size
+    return expected
+
+
 @settings(max_examples=60, deadline=None)
 @given(numel=st.integers(0, 700), block=st.integers(1, 300), seed=st.integers(0, 2**16))
 def test_decoded_values_are_sign_times_the_block_mean(numel, block, seed):
@@ -22,17 +35,39 @@ def test_decoded_values_are_sign_times_the_block_mean(numel, block, seed):
     comp = C.build("sign", block=block)
     signs, scales = comp.encode(values)
     assert signs.dtype == torch.uint8 and signs.numel() == (numel + 7) // 8
-    assert scales.numel() == comp.blocks(numel) == -(-numel // block)
+    assert scales.numel() == comp.blocks(numel).count == -(-numel // block)
     decoded = comp.decode(signs, scales, numel)
-    expected = torch.empty(numel, dtype=torch.float64)
-    for start in range(0, numel, block):  # written out apart from the compressor
-        chunk = values[start : start + block].double()
-        scale = chunk.abs().mean().float().to(torch.bfloat16).double()  # sent as bfloat16
-        expected[start : start + block] = torch.where(chunk >= 0, 1.0, -1.0) * scale
     assert scales.dtype == torch.bfloat16
+    expected = _scaled_signs(values, [numel], block)
     assert_close(decoded.double(), expected, rtol=4e-3, atol=1e-7)  # one bfloat16 rounding apart at most
     payload = comp.compress(values)
     assert torch.equal(payload.indices.long(), torch.arange(numel)) and torch.equal(payload.values, decoded)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=6),
+    block=st.integers(1, 64),
+    zero=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_blocks_never_straddle_two_tensors(sizes, block, zero, seed):
+    numel = sum(sizes)
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    if zero < len(sizes):  # a parameter with no gradient
+        start = sum(sizes[:zero])
+        values[start : start + sizes[zero]] = 0.0
+    comp = C.build("sign", block=block)
+    blocks = comp.blocks_of(sizes, values.device)
+    signs, scales = comp.encode(values, blocks)
+    assert blocks.numel == numel and scales.numel() == blocks.count == sum(-(-n // block) for n in sizes)
+    decoded = comp.decode(signs, scales, numel, torch.float32, blocks)
+    assert_close(decoded.double(), _scaled_signs(values, sizes, block), rtol=4e-3, atol=1e-7)
+    if zero < len(sizes):  # decodes to zeros, not to a neighbour's scale
+        start = sum(sizes[:zero])
+        assert not decoded[start : start + sizes[zero]].any()
+    if all(n % block == 0 for n in [n for n in sizes if n][:-1]):
+        assert blocks.ids is None  # the plain runs: the reshaping path
 
 
 def test_signs_pack_eight_to_a_byte():
@@ -122,3 +157,34 @@ def test_vectors_get_no_first_moment_unless_asked():
             pre.apply([("w", 0, 2), ("b", 2, 2)], buffer, vectors={"b"})
         assert set(pre.first_moments) == ({"w", "b"} if flag else {"w"})
         assert pre.state_dict()["vector_first_moment"] is flag
+
+
+def test_a_parameter_without_a_gradient_keeps_its_moments_and_stays_zero():
+    """As AdamW skips a parameter whose gradient is None: no moment decays, nothing sent."""
+    pre = AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9)
+    grad = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    pre.apply([("w", 0, 6)], grad.clone())
+    m, v = pre.first_moments["w"].clone(), pre.second_moments["w"].clone()
+    idle = torch.zeros(6)
+    pre.apply([("w", 0, 6)], idle)
+    assert not idle.any()  # nothing to send
+    assert torch.equal(pre.first_moments["w"], m) and torch.equal(pre.second_moments["w"], v)
+    used = grad.clone()
+    pre.apply([("w", 0, 6)], used)  # a gradient again: the moments move on from where they were
+    assert not torch.equal(pre.first_moments["w"], m) and used.any()
+
+
+def test_idle_tensors_are_the_all_zero_ones_and_a_nan_is_not_zero():
+    comp = C.build("sign", block=4)
+    sizes = [6, 3, 8, 5]
+    blocks = comp.blocks_of(sizes, torch.device("cpu"))
+    grads = torch.randn(sum(sizes), generator=torch.Generator().manual_seed(2))
+    grads[6:9] = 0.0  # the second tensor received no gradient
+    grads[9:17] = 0.0
+    grads[12] = float("nan")  # the third: zeros and a NaN, which must reach the sum
+    idle = comp.idle_tensors(grads, blocks)
+    assert idle.tolist() == [False, True, False, False]
+    _, scales = comp.encode(grads, blocks, idle)
+    held = blocks.owners == 1
+    assert not scales[held].any() and torch.isnan(scales[blocks.owners == 2]).any()
+    assert comp.idle_tensors(torch.zeros(5), comp.blocks(5)).tolist() == [True]

@@ -66,6 +66,8 @@ class BucketStep:
     #: the commit has made them (the sum reuses them for this rank's term)
     encoded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     decoded: Optional[torch.Tensor] = None
+    #: sign route: per compressed parameter, whether it received no gradient (a device bool)
+    held: Optional[torch.Tensor] = None
     sent_at: float = 0.0
 
 
