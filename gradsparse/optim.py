@@ -88,8 +88,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.local_first_moment = False
         self.hook: Optional[SparseHookState] = None
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
-        if first_moment == "local":
-            self._shared_beta1()
+        self._preconditioner_settings(first_moment == "local")  # refuse groups that differ now, not at attach
         if hook is not None:
             self.attach(hook)
 
@@ -106,9 +105,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if self.hook is not None:
             raise ValueError("this SparseAdamW is attached to another SparseHookState already")
         self.local_first_moment = self.first_moment == "local" and not hook.options.momentum
-        beta1 = self._shared("betas[0]", lambda group: group["betas"][0]) if self.local_first_moment else 0.0
-        beta2 = self._shared("betas[1]", lambda group: group["betas"][1])
-        eps = self._shared("eps", lambda group: group["eps"])
+        beta1, beta2, eps = self._preconditioner_settings(self.local_first_moment)
         hook.precondition(AdamPreconditioner(beta2, eps, beta1, vector_first_moment=self.vector_first_moment))
         self.hook = hook
 
@@ -124,6 +121,11 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _shared_beta1(self) -> float:
         return self._shared("betas[0]", lambda group: group["betas"][0])
+
+    def _preconditioner_settings(self, first_moment: bool) -> Tuple[float, float, float]:
+        """(beta1, or 0 without a first moment; beta2; eps), which every group must share."""
+        beta1 = self._shared_beta1() if first_moment else 0.0
+        return beta1, self._shared("betas[1]", lambda group: group["betas"][1]), self._shared("eps", lambda g: g["eps"])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]

@@ -47,10 +47,11 @@ def _blocks(step: BucketStep) -> SignBlocks:
     active coordinates, under weight masks); made once per layout and mask version."""
     plan, compressor = step.plan, _sign_compressor(step)
     layout = plan.layout if step.active is None else plan.masks.layout
-    key = f"sign_blocks:{compressor.block}:{plan.masks.version if step.active is not None else 'all'}"
-    blocks = plan.context.get(key)
-    if not isinstance(blocks, SignBlocks):
-        blocks = plan.context[key] = compressor.blocks_of([n for _, n in layout], step.region.device)
+    key = (compressor.block, plan.masks.version if step.active is not None else None)
+    made = plan.context.get("sign_blocks")  # (key, blocks): only the current masks' are kept
+    if made is None or made[0] != key:
+        made = plan.context["sign_blocks"] = (key, compressor.blocks_of([n for _, n in layout], step.region.device))
+    blocks: SignBlocks = made[1]
     return blocks
 
 
@@ -66,14 +67,14 @@ class SignRoute(DeviceRoute):
             )
 
     def begin(self, state: SparseHookState, step: BucketStep) -> None:
-        """Once per bucket layout, before its first message: every rank's (entries, block,
-        blocks), by a small blocking allgather, so that ranks whose messages
+        """Once per bucket layout and mask version, before its first message: every rank's
+        (entries, block, blocks), by a small blocking allgather, so that ranks whose messages
         would differ in size stop with an error instead of a transport failure. Later steps
         read nothing."""
         super().begin(state, step)
         context = step.plan.context
-        agreed = f"sign_agreed:{step.plan.masks.version}"
-        if agreed in context:
+        agreed = (step.plan.masks.version, _sign_compressor(step).block)
+        if context.get("sign_agreed") == agreed:
             return
         blocks, compressor = _blocks(step), _sign_compressor(step)
         row = [blocks.numel, compressor.block, blocks.count]
@@ -85,7 +86,7 @@ class SignRoute(DeviceRoute):
                 + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
                 + " (their models, bucket orders, masks or `block` differ)"
             )
-        context[agreed] = True
+        context["sign_agreed"] = agreed
 
     def compensate(self, state: SparseHookState, step: BucketStep) -> None:
         """Find the parameters that received no gradient (all zeros: not used by any forward
