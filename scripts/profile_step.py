@@ -10,6 +10,9 @@ ranks' rank 0, under the profiler, which inflates every op: compare stages with 
 other and with the profiled step, not with the unprofiled one).
 
     python scripts/profile_step.py --models gpt2,resnet --out docs/bench/profile
+
+A collective written ``allgather+sync_free`` forces the sync-free device route (fixed-size
+messages, ``torch.topk`` selection) on these CPU ranks.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def _worker(rank: int, world: int, workdir: str, model_name: str, method: str, s
     if method == "noop":
         ddp.register_comm_hook(None, debugging_hooks.noop_hook)
     else:
-        gs.register_sparse_hook(ddp, "topk", density=0.01, collective=method)
+        collective, _, route = method.partition("+")  # "allgather+sync_free": the device route, forced
+        gs.register_sparse_hook(ddp, "topk", density=0.01, collective=collective, sync_free=route == "sync_free")
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step(i: int) -> None:
@@ -125,7 +129,9 @@ def table(rows: List[Dict[str, Any]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,resnet")
-    parser.add_argument("--collectives", default="allgather,shared_topk")
+    parser.add_argument(
+        "--collectives", default="allgather,shared_topk", help="each optionally +sync_free (the device route on CPU)"
+    )
     parser.add_argument("--steps", type=int, default=7, help="timed steps (the median is kept)")
     parser.add_argument("--out", default=None, help="write results.jsonl and results.md here")
     args = parser.parse_args()
