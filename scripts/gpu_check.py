@@ -134,7 +134,11 @@ def _step_worker(rank: int, world: int, workdir: str, backend: str, mode: str, s
         row = {"backend": backend, "ranks": world, "route": mode, "step_ms": ms, "syncs": syncs, "device": device}
         (Path(workdir) / "row.json").write_text(json.dumps(row))
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The row is on disk: skip teardown, where freeing DDP's reducer can deadlock with a gloo
+    # thread that releases the last work and waits for the GIL (docs/collectives.md).
+    os._exit(0)
 
 
 def step_row(backend: str, world: int, mode: str, steps: int) -> Dict[str, Any]:
