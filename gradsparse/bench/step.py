@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradsparse.baselines import HALF, register_baseline
 from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.timing import median_seconds
 
-from .configs import HALF, Config
+from .configs import Config
 from .model_step import bench_model, busiest, hook_traffic
 
-__all__ = ["bench_one", "bf16_hook", "worker"]
+__all__ = ["bench_one", "worker"]
 
 _SPLIT = ("compress_s", "communicate_s", "decompress_s")
 
@@ -70,37 +71,12 @@ class _OneParameter(nn.Module):
         return _Inject.apply(self.weight, grad)
 
 
-def bf16_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """PyTorch's own ``bf16_compress_hook``, unchanged. DDP refuses that hook by name unless
-    it runs on CUDA with NCCL, but gloo sums bf16 as well, so it is called through this."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    return default_hooks.bf16_compress_hook(state, bucket)
-
-
 def _register(cfg: Config, ddp: nn.parallel.DistributedDataParallel) -> Any:
     """Register ``cfg``'s method on ``ddp``; the sparse hook's state, or None."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
-
     import gradsparse as gs
 
-    if cfg.method == "noop":
-        from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks
-
-        ddp.register_comm_hook(None, debugging_hooks.noop_hook)
-    elif cfg.method in HALF:
-        ddp.register_comm_hook(None, bf16_hook if cfg.method == "bf16" else default_hooks.fp16_compress_hook)
-    elif cfg.method.startswith("powersgd"):
-        ps = powersgd.PowerSGDState(
-            process_group=None,
-            matrix_approximation_rank=int(cfg.method[-1]),
-            start_powerSGD_iter=2,
-            min_compression_rate=0.0,
-            use_error_feedback=True,
-            warm_start=True,
-        )
-        ddp.register_comm_hook(ps, powersgd.powerSGD_hook)
+    if cfg.method not in ("sparse", "ddp"):
+        register_baseline(ddp, cfg.method)
     elif cfg.method == "sparse":
         min_numel = 1024 if cfg.model else 0  # a model's biases and norms stay dense, as by default
         return gs.register_sparse_hook(

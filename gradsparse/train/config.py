@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from gradsparse import compressors
+from gradsparse.comm import available as available_collectives
 
-__all__ = ["RunConfig", "TrainConfig", "UsageError", "parse_config"]
+__all__ = ["BASELINE_NAMES", "RunConfig", "TrainConfig", "UsageError", "parse_config"]
 
 
 class UsageError(ValueError):
@@ -18,30 +19,43 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One configuration of a comparison: ``compressor`` None is DDP's own allreduce."""
+    """One configuration of a comparison: ``compressor`` None is DDP's own allreduce, or
+    ``baseline`` (one of PyTorch's hooks, :mod:`gradsparse.baselines`); ``collective``
+    None is the run's ``--collective``."""
 
     label: str
     compressor: Optional[str]
     params: Dict[str, float] = field(default_factory=dict)
     error_feedback: bool = True
+    baseline: Optional[str] = None
+    collective: Optional[str] = None
+
+
+#: the configurations that are one of PyTorch's own hooks (``powersgd`` takes its rank)
+BASELINE_NAMES = ("noop", "bf16", "fp16", "powersgd")
 
 
 def parse_config(spec: str) -> RunConfig:
-    """``NAME[:VALUE][+noef]`` -> RunConfig, validated by building the compressor. VALUE
-    sets the compressor's budget parameter (density, threshold, alpha)."""
+    """``NAME[:VALUE][@COLLECTIVE][+noef]`` -> RunConfig, validated by building the
+    compressor. VALUE sets the compressor's budget parameter (density, threshold, alpha);
+    COLLECTIVE overrides ``--collective`` for this configuration. ``dense`` is DDP's own
+    allreduce; ``noop``, ``bf16``, ``fp16`` and ``powersgd[:RANK]`` are PyTorch's hooks."""
     label = spec.strip()
     body, _, flag = label.partition("+")
     if flag not in ("", "noef"):
         raise UsageError(f"configuration {label!r}: unknown flag '+{flag}' (only '+noef' is allowed)")
+    body, _, collective = body.partition("@")
     name, _, value = body.partition(":")
-    if name == "dense":
-        if value or flag:
-            raise UsageError(f"configuration {label!r}: 'dense' takes no value or flag")
-        return RunConfig(label, None)
+    if name == "dense" or name in BASELINE_NAMES:
+        return _baseline(label, name, value, flag or collective)
     if name not in compressors.available():
         raise UsageError(
             f"configuration {label!r}: unknown compressor {name!r}; expected one of "
-            f"{['dense', *compressors.available()]}"
+            f"{['dense', *BASELINE_NAMES, *compressors.available()]}"
+        )
+    if collective and collective not in available_collectives():
+        raise UsageError(
+            f"configuration {label!r}: unknown collective {collective!r}; expected one of {available_collectives()}"
         )
     params: Dict[str, float] = {}
     if value:
@@ -56,7 +70,19 @@ def parse_config(spec: str) -> RunConfig:
         compressors.build(name, **params)
     except ValueError as exc:
         raise UsageError(f"configuration {label!r}: {exc}") from None
-    return RunConfig(label, name, params, error_feedback=flag != "noef")
+    return RunConfig(label, name, params, error_feedback=flag != "noef", collective=collective or None)
+
+
+def _baseline(label: str, name: str, value: str, extra: str) -> RunConfig:
+    if extra or (value and name != "powersgd"):
+        raise UsageError(f"configuration {label!r}: {name!r} takes no value, collective or flag")
+    if name == "dense":
+        return RunConfig(label, None)
+    if name == "powersgd":
+        if value and (not value.isdigit() or int(value) < 1):
+            raise UsageError(f"configuration {label!r}: PowerSGD's rank must be a positive integer, got {value!r}")
+        return RunConfig(label, None, baseline=f"powersgd{int(value or 1)}")
+    return RunConfig(label, None, baseline=name)
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,12 @@ class TrainConfig:
     mask_criterion: str = "magnitude"
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 0.05
+    optimizer: str = "sgd"
+    lr: Optional[float] = None  # None: the model's default for the optimizer (gradsparse.train.tasks)
+    weight_decay: Optional[float] = None
+    schedule: Optional[str] = None  # "constant" or "onecycle"; None: the model's default
+    eval_every: int = 0  # steps between evaluations; 0: at the end of every epoch
+    max_steps: int = 0  # stop after this many steps (0: --epochs full epochs)
     out: Path = Path("runs/train")
     checkpoint_every: int = 0
     resume: bool = False

