@@ -33,7 +33,7 @@ from gradsparse.report import write_csv
 from gradsparse.train.tasks import OPTIMIZER_NAMES, TASKS
 
 from .configs import BASELINES
-from .converge import SETTINGS, converge
+from .converge import SETTINGS, ConvergeError, converge
 from .models import MODELS, parameter_count
 from .quality import quality_bench
 from .select import select_bench
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "cluster":
             return _cluster(args)
         return _run(args)
-    except (ClusterError, ValueError) as exc:
+    except (ClusterError, ConvergeError, ValueError) as exc:
         print(f"gradsparse-bench: error: {exc}", file=sys.stderr)
         return 2
 

@@ -40,9 +40,13 @@ from gradsparse.train.tasks import get_task
 
 from .cluster import Cluster
 
-__all__ = ["SETTINGS", "Setting", "converge", "converge_table", "mean_curves", "time_to"]
+__all__ = ["SETTINGS", "ConvergeError", "Setting", "converge", "converge_table", "mean_curves", "time_to"]
 
 logger = logging.getLogger(__name__)
+
+
+class ConvergeError(RuntimeError):
+    """A training run of the comparison failed (its ranks' own errors are above it)."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def _train_ranks(cluster: Optional[Cluster], ranks: int, train_args: Sequence[st
             procs.append(subprocess.Popen([*cluster.exec_prefix(rank), *base], env=rank_env, stdout=quiet))
     codes = [p.wait() for p in procs]
     if any(codes):
-        raise RuntimeError(f"gradsparse-train's ranks exited with {codes} ({' '.join(train_args)})")
+        raise ConvergeError(f"gradsparse-train's ranks exited with {codes} ({shlex.join(train_args)})")
     with open(out / "results.csv") as fh:
         return list(csv.DictReader(fh))
 
