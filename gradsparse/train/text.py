@@ -6,6 +6,7 @@ character-level GPT for it (nanoGPT's CPU recipe: 4 layers, width 128, 4 heads, 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import List
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 __all__ = ["CharGPT", "load_text"]
 
 
+@functools.lru_cache(maxsize=1)  # read once per process: every run of a comparison uses it
 def load_text() -> str:
     """The King James text, every verse on its own line, books in file-name order."""
     try:
