@@ -35,16 +35,18 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from gradsparse.train.text import CharGPT, load_text
+from gradsparse.train.tasks import TASKS
+from gradsparse.train.text import CharGPT, encode_text, load_text
 
 __all__ = ["CLIP", "OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
 
+_GPT = TASKS["chargpt"].defaults  # the same settings as gradsparse-train --model chargpt
 #: optimizer name -> (peak learning rate, weight decay)
 OPTIMIZERS: Dict[str, Tuple[float, float]] = {
-    "adamw": (3e-3, 0.1), "sgd": (0.3, 1e-4), "sparse_adamw": (3e-3, 0.1), "sparse_adamw_global": (3e-3, 0.1),
+    "adamw": _GPT.adamw, "sgd": _GPT.sgd, "sparse_adamw": _GPT.adamw, "sparse_adamw_global": _GPT.adamw,
 }  # fmt: skip
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
-CLIP: Dict[str, float] = {"sgd": 1.0}
+CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
 
 
 @dataclass(frozen=True)
@@ -110,13 +112,11 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
     import gradsparse as gs
 
-    symbols = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(symbols)}
-    data = torch.tensor([lookup[c] for c in text], dtype=torch.uint8)
+    data, vocab = encode_text(text)
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
     torch.manual_seed(run.seed)
-    model = CharGPT(len(symbols))
+    model = CharGPT(vocab)
     ddp = nn.parallel.DistributedDataParallel(model)
     options = run.hook()
     state = None

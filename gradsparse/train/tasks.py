@@ -140,19 +140,13 @@ def _mnist_cnn() -> nn.Module:
 _CONTEXT = 64
 
 
-def _symbols(text: str) -> Dict[str, int]:
-    return {c: i for i, c in enumerate(sorted(set(text)))}
-
-
 @functools.cache  # once per process; nothing writes to the tensors
 def _text() -> Data:
     """Non-overlapping windows of 65 characters from the first 90% (inputs and next
     characters), and 1,280 fixed windows from the held-out last 10%."""
-    from .text import load_text
+    from .text import encode_text, load_text
 
-    text = load_text()
-    lookup = _symbols(text)
-    data = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+    data, _ = encode_text(load_text())
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
     n = (train.numel() - 1) // _CONTEXT
@@ -167,7 +161,7 @@ def _text() -> Data:
 def _chargpt() -> nn.Module:
     from .text import CharGPT, load_text
 
-    return CharGPT(len(_symbols(load_text())), context=_CONTEXT)
+    return CharGPT(len(set(load_text())), context=_CONTEXT)
 
 
 TASKS: Dict[str, Task] = {

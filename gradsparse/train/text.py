@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CharGPT", "load_text"]
+__all__ = ["CharGPT", "encode_text", "load_text"]
 
 
 @functools.lru_cache(maxsize=1)  # read once per process: every run of a comparison uses it
@@ -67,3 +67,10 @@ class CharGPT(nn.Module):
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.blocks(self.embed(idx) + self.position(pos))
         return self.ln(x) @ self.embed.weight.t()
+
+
+def encode_text(text: str) -> tuple[torch.Tensor, int]:
+    """The text as symbol indices (sorted symbols: the same numbering everywhere) and the
+    number of symbols."""
+    lookup = {c: i for i, c in enumerate(sorted(set(text)))}
+    return torch.tensor([lookup[c] for c in text], dtype=torch.int64), len(lookup)
