@@ -147,17 +147,20 @@ def gather_signs(
     context: Dict[str, Any],
     *,
     block: int,
+    bits: int = 1,
 ) -> torch.futures.Future[Gathered]:
-    """Allgather every rank's packed ``signs`` and ``scales`` (one per ``block`` entries) of
-    a tensor of ``numel`` (:class:`gradsparse.compressors.ScaledSign`'s encoding), with the
-    flag word: a :class:`Gathered` whose ``values`` are the ranks' scales and ``indices``
-    their signs. A rank whose (numel, block) differs is flagged MISMATCHED."""
+    """Allgather every rank's packed ``signs`` (``bits`` per entry: the codes of
+    :class:`gradsparse.compressors.ScaledSign` or ``BlockQuantizer``) and ``scales`` (one per
+    ``block`` entries) of a tensor of ``numel``, with the flag word: a :class:`Gathered`
+    whose ``values`` are the ranks' scales and ``indices`` their codes. A rank whose
+    (numel, block, bits) differs is flagged MISMATCHED (the header's second word is
+    ``block * 16 + bits``)."""
 
     def as_gathered(fut: torch.futures.Future[Tuple[torch.Tensor, List[List[torch.Tensor]]]]) -> Gathered:
         flags, views = fut.value()
         return Gathered((flags != 0).any(), flags, [v[1] for v in views], [v[0] for v in views])
 
-    return _gather_parts(backend, [signs, scales], flag, (numel, block), context).then(as_gathered)
+    return _gather_parts(backend, [signs, scales], flag, (numel, block * 16 + bits), context).then(as_gathered)
 
 
 class FlagCopy:

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, List, Type
 
 from gradsparse.compressors.base import Compressor, CompressorState, k_for_density
+from gradsparse.compressors.block_quantize import BlockQuantizer
 from gradsparse.compressors.identity import NoCompression
 from gradsparse.compressors.randomk import RandomK
 from gradsparse.compressors.scaled_sign import ScaledSign
@@ -18,6 +19,7 @@ from gradsparse.compressors.variance import VarianceBased
 from gradsparse.registry import Registry
 
 __all__ = [
+    "BlockQuantizer",
     "Compressor",
     "CompressorState",
     "NoCompression",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 registry: Registry[Type[Compressor]] = Registry("compressor")
-for _cls in (TopK, SampledTopK, Threshold, VarianceBased, RandomK, ScaledSign, NoCompression):
+for _cls in (TopK, SampledTopK, Threshold, VarianceBased, RandomK, ScaledSign, BlockQuantizer, NoCompression):
     registry.register(_cls.name)(_cls)
 
 

@@ -108,49 +108,67 @@ class ScaledSign(Compressor):
         ids = torch.repeat_interleave(torch.arange(len(runs), device=device), counts)
         return SignBlocks(numel, len(runs), ids, counts, owners, len(sizes))
 
+    def per_block(self, values: torch.Tensor, blocks: SignBlocks, reduce: str = "sum") -> torch.Tensor:
+        """Each block's ``"sum"`` or ``"amax"`` of the flat ``values`` (float), without a
+        padded copy of the buffer."""
+        if blocks.ids is not None:
+            out = torch.zeros(blocks.count, dtype=values.dtype, device=values.device)
+            if reduce == "sum":
+                return out.index_add_(0, blocks.ids, values)
+            return out.scatter_reduce_(0, blocks.ids, values, "amax")
+        whole = values.numel() - values.numel() % self.block
+        head = values[:whole].view(-1, self.block)
+        heads = head.sum(dim=1) if reduce == "sum" else head.amax(dim=1)
+        if whole == values.numel():
+            return heads
+        tail = values[whole:]
+        return torch.cat([heads, (tail.sum() if reduce == "sum" else tail.amax()).reshape(1)])
+
     def scales(self, values: torch.Tensor, blocks: Optional[SignBlocks] = None) -> torch.Tensor:
         """Each block's mean magnitude (over the entries it has), as bfloat16."""
-        n = values.numel()
-        blocks = blocks or self.blocks(n)
-        if blocks.ids is not None:
-            assert blocks.sizes is not None
-            sums = torch.zeros(blocks.count, dtype=values.dtype, device=values.device)
-            sums.index_add_(0, blocks.ids, values.abs())
+        blocks = blocks or self.blocks(values.numel())
+        sums = self.per_block(values.abs(), blocks)
+        if blocks.sizes is not None:
             return sums.div_(blocks.sizes).to(torch.bfloat16)
-        padded = torch.zeros(blocks.count * self.block, dtype=values.dtype, device=values.device)
-        padded[:n] = values.abs()
-        sums = padded.view(-1, self.block).sum(dim=1)
-        counts = torch.full_like(sums, float(self.block))
-        if n % self.block:
-            counts[-1] = n % self.block
-        return sums.div_(counts).to(torch.bfloat16)
+        short = values.numel() % self.block  # the last block's own count, if it is short
+        last = sums[-1:] / short if short else None
+        means = sums.div_(self.block)
+        if last is not None:
+            means[-1:] = last
+        return means.to(torch.bfloat16)
 
     def idle_tensors(self, grads: torch.Tensor, blocks: SignBlocks) -> torch.Tensor:
         """Per tensor of ``blocks``, whether its entries of the flat ``grads`` are all zero
         (a parameter that received no gradient; NaN counts as nonzero), on the device: one
         read pass."""
-        nonzero = grads.ne(0).to(torch.float32)
-        if blocks.ids is not None:
-            per_block = torch.zeros(blocks.count, device=grads.device).index_add_(0, blocks.ids, nonzero)
-        else:
-            padded = torch.zeros(blocks.count * self.block, device=grads.device)
-            padded[: grads.numel()] = nonzero
-            per_block = padded.view(-1, self.block).sum(dim=1)
+        per_block = self.per_block(grads.ne(0).to(torch.float32), blocks)
         if blocks.owners is None:
             return (per_block.sum() == 0).reshape(1)
         return torch.zeros(blocks.tensors, device=grads.device).index_add_(0, blocks.owners, per_block) == 0
 
+    def code_bits(self) -> int:
+        """Bits per entry in the message (before the block scales)."""
+        return 1
+
+    def packed_bytes(self, numel: int) -> int:
+        """The size of the packed codes of ``numel`` entries."""
+        return (numel * self.code_bits() + 7) // 8
+
     def encode(
         self, values: torch.Tensor, blocks: Optional[SignBlocks] = None, idle: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(packed signs, block scales) of the flat ``values``; the blocks of the tensors
+        """(packed codes, block scales) of the flat ``values``; the blocks of the tensors
         ``idle`` flags (from :meth:`idle_tensors`) are sent with a zero scale: nothing of
         them, their error feedback whole."""
         scales = self.scales(values, blocks)
         if idle is not None and scales.numel():
             owners = blocks.owners if blocks is not None else None
             scales.masked_fill_(idle[owners] if owners is not None else idle.expand(scales.shape), 0.0)
-        return pack_signs(values), scales
+        return self._pack(values, scales, blocks), scales
+
+    def _pack(self, values: torch.Tensor, scales: torch.Tensor, blocks: Optional[SignBlocks]) -> torch.Tensor:
+        del scales, blocks
+        return pack_signs(values)
 
     def decode(
         self,
@@ -160,8 +178,8 @@ class ScaledSign(Compressor):
         dtype: torch.dtype = torch.float32,
         blocks: Optional[SignBlocks] = None,
     ) -> torch.Tensor:
-        """The ``numel`` values, of ``dtype``, that ``(signs, scales)`` stand for."""
-        decoded = unpack_signs(signs, numel, dtype)
+        """The ``numel`` values, of ``dtype``, that ``(codes, scales)`` stand for."""
+        decoded = self._unpack(signs, numel, dtype)
         scales = scales.to(dtype)
         if blocks is not None and blocks.ids is not None:
             return decoded.mul_(scales.index_select(0, blocks.ids))
@@ -170,6 +188,10 @@ class ScaledSign(Compressor):
         if numel % self.block:
             decoded[whole:].mul_(scales[-1])
         return decoded
+
+    def _unpack(self, packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Each entry's multiple of its block's scale (here +1 or -1)."""
+        return unpack_signs(packed, numel, dtype)
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         """Every entry, at its decoded value (for paths that carry (index, value) pairs;

@@ -6,6 +6,7 @@ them over; a parameter that receives no gradient keeps its residual untouched; a
 ``compressor="none"`` the result equals DDP's own.
 """
 
+import functools
 from contextlib import nullcontext
 
 import pytest
@@ -106,13 +107,13 @@ def _backward(ddp, model, rank, step, branch, mode):
     ddp(_batch(model, rank, step), use_branch=use).float().pow(2).mean().backward()
 
 
-def _conservation(rank, world, mode, collective="allgather", compressor=("topk", {"density": 0.05})):
+def _conservation(rank, world, mode, collective="allgather", compressor=("topk", {"density": 0.05}), **options):
     kwargs, prepare, branch = MODES[mode]
     model = _model(prepare)
     ddp = nn.parallel.DistributedDataParallel(model, **kwargs)
     names = {id(p): n for n, p in model.named_parameters()}
     chosen = gs.compressors.build(compressor[0], **compressor[1])
-    state = gs.SparseHookState(chosen, collective=collective, named_parameters=model.named_parameters())
+    state = gs.SparseHookState(chosen, collective=collective, named_parameters=model.named_parameters(), **options)
     rec = _Recorder(state, names)
     ddp.register_comm_hook(rec, recording_hook)
     applied = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in model.named_parameters()}
@@ -162,17 +163,30 @@ def test_update_plus_residual_is_the_sum_of_local_gradients(mode):
     assert all(c >= 3 for c in checked), checked
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_shared_topk_conserves_in_every_mode(mode):
+#: the modes that change what reaches a route (the others change only how DDP calls the
+#: hook, which the check above covers on every mode)
+ROUTE_MODES = [
+    "gradient_as_bucket_view", "static_graph", "unused_on_all_ranks", "unused_on_one_rank", "no_sync", "bf16",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ROUTE_MODES)
+def test_shared_topk_conserves_in_the_modes_that_change_its_input(mode):
     """The same per-parameter check with one leader's indices per bucket (shared_topk)."""
     checked = run_distributed(_conservation, 2, mode, "shared_topk")
     assert all(c >= 3 for c in checked), checked
 
 
-SIGN_MODES = ["gradient_as_bucket_view", "static_graph", "unused_on_all_ranks", "unused_on_one_rank", "no_sync", "bf16"]
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_the_device_route_keeps_the_residual_of_a_branch_no_rank_used(collective):
+    """The sync-free device route (CUDA's default) finds a parameter with no gradient on the
+    device and sends none of its residual: DDP copies no result into it, so what was sent
+    would be lost (the check above, on that route)."""
+    checked = run_distributed(functools.partial(_conservation, sync_free=True), 2, "unused_on_all_ranks", collective)
+    assert all(c >= 3 for c in checked), checked
 
 
-@pytest.mark.parametrize("mode", SIGN_MODES)
+@pytest.mark.parametrize("mode", ROUTE_MODES)
 def test_sign_conserves_in_the_modes_that_change_its_input(mode):
     """The same check on the sign route (every parameter's blocks its own), in the modes
     that change what reaches a route (its other stages are the device route's): an idle

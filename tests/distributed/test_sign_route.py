@@ -1,5 +1,6 @@
-"""The ``sign`` compressor's route on real gloo ranks: sums equal to a reference computed
-apart (each rank's scaled signs, decoded by hand), conserved error feedback, identical
+"""The ``sign`` compressor's route on real gloo ranks (and the ``quantize`` compressor's, the
+same route): sums equal to a reference computed apart (each rank's scaled signs or
+quantised levels, decoded by hand), conserved error feedback, identical
 replicas; faults that stop every rank; no host-syncing op in a step; refused options."""
 
 import pytest
@@ -13,15 +14,22 @@ from .harness import check_on_ranks, gather_all, run_distributed
 from .test_sync_free import assert_faults_reached_every_rank, assert_no_host_sync, faults, syncing_ops
 
 
-def _scaled_sign(values: torch.Tensor, block: int) -> torch.Tensor:
+def _scaled_sign(values: torch.Tensor, block: int, bits: int = 1) -> torch.Tensor:
     """What a rank sends of one parameter, written out apart from the compressor: per block
     of ``block`` entries (the parameter's own), sign (zero counts as +) times the block's
-    mean magnitude rounded to bfloat16."""
+    mean magnitude rounded to bfloat16; with ``bits`` > 1, the entry's nearest of the levels
+    ``-L..L`` (``L = 2**(bits-1) - 1``) times the block's largest magnitude over L."""
     out = torch.zeros(values.numel(), dtype=torch.float64)
+    levels = 2 ** (bits - 1) - 1
     for start in range(0, values.numel(), block):
-        chunk = values[start : start + block].double()
-        scale = chunk.abs().mean().float().to(torch.bfloat16).double()
-        out[start : start + block] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+        chunk = values[start : start + block]
+        if bits == 1:
+            scale = chunk.double().abs().mean().float().to(torch.bfloat16).double()
+            out[start : start + block] = torch.where(chunk >= 0, 1.0, -1.0) * scale
+        else:
+            scale = (chunk.abs().max() / levels).to(torch.bfloat16).float()
+            level = (chunk / scale).round().clamp(-levels, levels) if scale > 0 else torch.zeros_like(chunk)
+            out[start : start + block] = level.double() * scale.double()
     return out
 
 
@@ -35,14 +43,15 @@ class _Net(nn.Module):
         return self.lin(x)
 
 
-def _exact_and_conserved(rank, world, block):
+def _exact_and_conserved(rank, world, block, bits):
     """Each parameter's sum against the ranks' scaled signs of that parameter alone (blocks
     never straddle two), conservation, identical replicas; the parameter no forward uses
     (find_unused_parameters) sends zeros and keeps no residual."""
     torch.manual_seed(0)
     model = _Net()
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    state = gs.register_sparse_hook(ddp, "sign", block=block, min_compress_numel=0)
+    kind = {"compressor": "sign"} if bits == 1 else {"compressor": "quantize", "bits": bits}
+    state = gs.register_sparse_hook(ddp, **kind, block=block, min_compress_numel=0)
     assert state.policy.route.name == "sign"
     used = ["lin.weight", "lin.bias"]
     for step in range(3):
@@ -61,7 +70,7 @@ def _exact_and_conserved(rank, world, block):
             compensated = gather_all(mine.grad.reshape(-1) + before[name])
             after = gather_all(state.feedback.residual(name).clone())
             out = param.grad.reshape(-1)
-            reference = sum(_scaled_sign(c, block) for c in compensated)
+            reference = sum(_scaled_sign(c, block, bits) for c in compensated)
             assert_close(out.double() * world, reference, rtol=4e-3, atol=1e-6)  # a bfloat16 rounding apart at most
             # conservation: what came in (gradients + old residuals) is what was summed plus kept
             kept = sum(a.double() for a in after)
@@ -75,9 +84,9 @@ def _exact_and_conserved(rank, world, block):
     assert state.counters.selected == 3 * sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("world,block", [(2, 64), (3, 1000)])
-def test_sums_are_exact_and_mass_is_conserved(world, block):
-    check_on_ranks(_exact_and_conserved, world, block)
+@pytest.mark.parametrize("world,block,bits", [(2, 64, 1), (3, 1000, 1), (2, 64, 2)])
+def test_sums_are_exact_and_mass_is_conserved(world, block, bits):
+    check_on_ranks(_exact_and_conserved, world, block, bits)
 
 
 def test_faults_reach_every_rank():
@@ -89,7 +98,8 @@ def test_faults_reach_every_rank():
 def _mismatched_blocks(rank, world):
     model = nn.Linear(300, 40, bias=False)
     ddp = nn.parallel.DistributedDataParallel(model)
-    gs.register_sparse_hook(ddp, "sign", block=64 if rank == 0 else 128, min_compress_numel=0)
+    kind = {"compressor": "sign"} if rank == 0 else {"compressor": "quantize", "bits": 2}
+    gs.register_sparse_hook(ddp, **kind, block=64 if rank == 0 else 128, min_compress_numel=0)
     try:
         ddp(torch.randn(4, 300)).sum().backward()
         return "none"
@@ -99,7 +109,7 @@ def _mismatched_blocks(rank, world):
 
 def test_ranks_with_different_block_sizes_stop():
     for error in run_distributed(_mismatched_blocks, 2):
-        assert "PeerError" in error and "rank 0: (12000, 64, 188), rank 1: (12000, 128, 94)" in error, error
+        assert "PeerError" in error and "rank 0: (12000, 64, 188, 1), rank 1: (12000, 128, 94, 2)" in error, error
 
 
 def test_a_step_makes_no_host_sync():

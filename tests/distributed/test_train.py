@@ -53,7 +53,7 @@ def test_compare_trains_and_writes_table_and_plots(tmp_path):
 
 
 def test_chargpt_with_sparse_adamw_against_the_baselines_records_every_evaluation(tmp_path):
-    configs = "dense,powersgd:1,sign"
+    configs = "dense,powersgd:1,sign,quantize:2"
     proc = run_cli("--model", "chargpt", "--optimizer", "sparse_adamw", "--compare", configs, "--max-steps", "6",
                    "--eval-every", "3", "--batch-size", "4", "--out", str(tmp_path))  # fmt: skip
     assert "chargpt on King James text (characters), sparse_adamw, 2 ranks, 6 steps" in proc.stdout
@@ -65,6 +65,8 @@ def test_chargpt_with_sparse_adamw_against_the_baselines_records_every_evaluatio
     dense = float(last["dense"]["mb_sent"])
     assert float(last["powersgd:1"]["mb_sent"]) < dense / 10  # one bucket: no gloo hang either
     assert float(last["sign"]["mb_sent"]) < dense / 20
+    two_bits = float(last["quantize:2"]["mb_sent"]) / float(last["sign"]["mb_sent"])
+    assert 1.5 < two_bits < 2  # 2 bits per entry, not 1 (the small parameters go dense in both)
     assert float(last["dense"]["seconds"]) > float(next(r for r in table if r["config"] == "dense")["seconds"])
     assert (tmp_path / "val_loss_vs_step.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -111,8 +113,8 @@ def _final_state(out: Path):
 
 @pytest.mark.parametrize(
     "ranks,extra",
-    [(3, []), (2, ["--optimizer", "sparse_adamw", "--schedule", "onecycle", "--eval-every", "5"])],
-    ids=["sgd", "sparse_adamw-onecycle-eval5"],
+    [(2, ["--optimizer", "sparse_adamw", "--schedule", "onecycle", "--eval-every", "5"])],
+    ids=["sparse_adamw-onecycle-eval5"],  # the most state to restore (SGD at 3 ranks: dropped for CI time)
 )
 def test_a_rank_killed_by_sigkill_is_restarted_and_the_run_ends_as_an_uninterrupted_one(tmp_path, ranks, extra):
     """--max-restarts: the elastic agent restarts the ranks, they resume from the last
@@ -314,7 +316,7 @@ def _final_accuracy(out: Path):
     return float(next(r for r in table if int(r["epoch"]) == last)["test_accuracy"]), last
 
 
-@pytest.mark.parametrize("before,after", [(2, 3), (4, 2)])
+@pytest.mark.parametrize("before,after", [(2, 3)])  # fewer ranks: the elastic test's node that leaves
 def test_resume_on_another_number_of_ranks_reshards_and_trains_to_the_same_band(tmp_path, before, after):
     common = ["--compressor", "topk", "--density", "0.05", "--checkpoint-every", "7", "--verbose"]
     first = _run_train(tmp_path / "a", "--ranks", str(before), "--epochs", "2", *common)

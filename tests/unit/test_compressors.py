@@ -12,7 +12,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def test_available_lists_every_compressor():
-    assert C.available() == ["none", "randomk", "sampled_topk", "sign", "threshold", "topk", "variance"]
+    assert C.available() == ["none", "quantize", "randomk", "sampled_topk", "sign", "threshold", "topk", "variance"]
 
 
 def test_unknown_name_lists_valid_ones():

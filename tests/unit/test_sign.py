@@ -188,3 +188,54 @@ def test_idle_tensors_are_the_all_zero_ones_and_a_nan_is_not_zero():
     held = blocks.owners == 1
     assert not scales[held].any() and torch.isnan(scales[blocks.owners == 2]).any()
     assert comp.idle_tensors(torch.zeros(5), comp.blocks(5)).tolist() == [True]
+
+
+def _quantised(values, sizes, block, bits):
+    """Each tensor's ``block``-sized runs as the nearest of the levels -L..L times the run's
+    largest magnitude over L (rounded to bfloat16, as sent), written out apart."""
+    levels, expected, at = 2 ** (bits - 1) - 1, torch.empty(values.numel(), dtype=torch.float64), 0
+    for size in sizes:
+        for start in range(at, at + size, block):
+            chunk = values[start : min(start + block, at + size)]
+            scale = (chunk.abs().max() / levels).to(torch.bfloat16).float()
+            level = (chunk / scale).round().clamp(-levels, levels) if scale > 0 else torch.zeros_like(chunk)
+            expected[start : start + chunk.numel()] = level.double() * scale.double()
+        at += size
+    return expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+    block=st.integers(1, 64),
+    bits=st.sampled_from([2, 4, 8]),
+    zero=st.integers(0, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_decodes_to_the_nearest_level_of_each_blocks_peak(sizes, block, bits, zero, seed):
+    numel = sum(sizes)
+    values = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    if zero < len(sizes):  # a tensor of zeros decodes to zeros
+        values[sum(sizes[:zero]) : sum(sizes[: zero + 1])] = 0.0
+    comp = C.build("quantize", bits=bits, block=block)
+    for blocks in (None, comp.blocks_of(sizes, values.device)) if len(sizes) > 1 else (None,):
+        codes, scales = comp.encode(values, blocks)
+        assert codes.dtype == torch.uint8 and codes.numel() == comp.packed_bytes(numel) == -(-numel * bits // 8)
+        decoded = comp.decode(codes, scales, numel, torch.float32, blocks)
+        expected = _quantised(values, sizes if blocks is not None else [numel], block, bits)
+        assert torch.equal(decoded.double(), expected)  # the same float32 ops: the same bits
+        if numel:  # no error is over a level of the largest scale (half a level, and bfloat16's rounding)
+            assert ((values - decoded).abs() <= values.abs().max() / (2 ** (bits - 1) - 1) + 1e-6).all()
+
+
+def test_quantize_codes_and_validation():
+    comp = C.build("quantize", bits=2, block=4)  # ternary: -1, 0, +1 times max/1
+    codes, scales = comp.encode(torch.tensor([4.0, -4.0, 1.0, 3.0, 0.0]))
+    assert comp.decode(codes, scales, 5).tolist() == [4.0, -4.0, 0.0, 4.0, 0.0]
+    values = torch.ones(8)
+    values[5] = float("nan")
+    scales = C.build("quantize", block=4).scales(values)
+    assert torch.isfinite(scales[0]) and torch.isnan(scales[1])
+    assert C.build("quantize", bits=4.0).bits == 4  # a command line's float
+    with pytest.raises(ValueError, match=r"`bits` to be one of \[2, 4, 8\], but got 3"):
+        C.build("quantize", bits=3)

@@ -20,14 +20,19 @@ so that neither happens:
 
 The collective's job (a payload in, an exact sum out) is done here with the backend's
 equal-size primitives; sums are formed in rank order, so replicas stay bit-identical.
-Parameters that received no gradient (``find_unused_parameters``) are not told apart: their
-residual is compensated and may be sent like any other, which keeps error feedback's mass.
+A parameter that received no gradient (all zeros as DDP hands it over: a branch no forward
+used, under ``find_unused_parameters``) is found on the device, before compensation, and
+sends nothing: its entries rank last in the top-k and are sent as zeros if they are chosen
+anyway (a random choice, the leader's indices, a budget over the nonzero entries), so its
+residual stays whole. DDP does not copy a result into the gradient of a parameter that no
+rank used, so anything sent for it would be lost.
 """
 
 from __future__ import annotations
 
+import itertools
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,7 +47,9 @@ from .route import BucketStep, Route, register_route
 if TYPE_CHECKING:
     from ..state import SparseHookState
 
-__all__ = ["FIXED_BUDGET", "HOST_SYNCING_OPS", "DeviceRoute", "act_on_flags", "stratified_indices", "supports"]
+__all__ = [
+    "FIXED_BUDGET", "HOST_SYNCING_OPS", "DeviceRoute", "act_on_flags", "stratified_indices", "supports", "without_idle",
+]  # fmt: skip
 
 #: the compressors whose payload size every rank knows without asking
 FIXED_BUDGET = ("topk", "sampled_topk", "randomk")
@@ -93,6 +100,8 @@ class DeviceRoute(Route):
     def compensate(self, state: SparseHookState, step: BucketStep) -> None:
         if not step.region.numel():
             return
+        if state.options.error_feedback:
+            step.held = self.idle_parameters(step)
         step.scale = state.grad_scale() if state.grad_scaler is not None else 1.0
         if state.options.error_feedback and step.active is None and self._compensate_fused(state, step):
             return
@@ -132,8 +141,18 @@ class DeviceRoute(Route):
             indices = stratified_indices(compressor, step, numel, k, state.step)
         else:  # topk, sampled_topk: the exact top-k (NaN and inf rank first, so they are seen)
             magnitudes = step.magnitudes if step.magnitudes is not None else values.abs()
+            if step.held is not None and step.active is None:  # idle parameters rank last
+                for held, (start, end) in zip(step.held, _spans(step)):
+                    magnitudes[start:end].masked_fill_(held, 0.0)
             indices = torch.topk(magnitudes, k, sorted=False).indices
-        step.payload = SparsePayload(indices.to(index_dtype_for(numel)), values.index_select(0, indices), numel)
+        sent = without_idle(step, indices, values.index_select(0, indices))
+        step.payload = SparsePayload(indices.to(index_dtype_for(numel)), sent, numel)
+
+    def idle_parameters(self, step: BucketStep) -> torch.Tensor:
+        """Per compressed parameter, whether its gradient is all zeros (it received none;
+        NaN counts as nonzero), as device bools, read before compensation (one read pass)."""
+        region = step.region
+        return torch.stack([region[start:end].ne(0).any() for start, end in _spans(step)]).logical_not_()
 
     def _flag(self, state: SparseHookState, step: BucketStep, values: torch.Tensor) -> torch.Tensor:
         """This rank's flag word, on the device: failed, or non-finite. A rank that took its
@@ -164,7 +183,10 @@ class DeviceRoute(Route):
                 else:
                     indices.zero_()
             fixed.broadcast_indices(backend, indices, step.leader)
-            sent = values.index_select(0, indices.long()) if not failed else torch.zeros(k, dtype=dtype, device=device)
+            if failed:
+                sent = torch.zeros(k, dtype=dtype, device=device)
+            else:
+                sent = without_idle(step, indices, values.index_select(0, indices.long()))
             step.payload = SparsePayload(indices, sent, numel)
             return fixed.gather_fixed(backend, sent, None, self._flag(state, step, sent), numel, context)
         if failed or step.payload.count != k:  # still send k entries: nobody waits for a missing message
@@ -196,6 +218,35 @@ class DeviceRoute(Route):
             raise step.failure
         act_on_flags(self.pending, state)  # on CPU this bucket's flags: a failed peer raises on every rank now
         return out
+
+
+def without_idle(step: BucketStep, indices: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    """``sent`` (the values at ``indices`` of ``step.values``) with the entries of the
+    parameters ``step.held`` flags set to zero, on the device."""
+    if step.held is None or not indices.numel():
+        return sent
+    positions = indices.long() if step.active is None else step.active.index_select(0, indices.long())
+    owners = torch.bucketize(positions, _ends(step), right=True)
+    return sent.masked_fill(step.held.index_select(0, owners), 0.0)
+
+
+def _spans(step: BucketStep) -> List[Tuple[int, int]]:
+    """Each compressed parameter's (start, end) in the bucket's region, once per layout."""
+    spans: Optional[List[Tuple[int, int]]] = step.plan.context.get("device_spans")
+    if spans is None:
+        ends = list(itertools.accumulate(n for _, n in step.plan.layout))
+        spans = step.plan.context["device_spans"] = list(zip([0, *ends[:-1]], ends))
+    return spans
+
+
+def _ends(step: BucketStep) -> torch.Tensor:
+    """The spans' ends as a device tensor (for ``torch.bucketize``), once per layout."""
+    key = f"device_span_ends:{step.region.device}"
+    ends: Optional[torch.Tensor] = step.plan.context.get(key)
+    if ends is None:
+        ends = torch.tensor([end for _, end in _spans(step)], dtype=torch.int64, device=step.region.device)
+        step.plan.context[key] = ends
+    return ends
 
 
 def act_on_flags(pending: List[fixed.FlagCopy], state: SparseHookState) -> None:

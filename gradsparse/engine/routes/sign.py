@@ -62,8 +62,8 @@ class SignRoute(DeviceRoute):
     def check(self, compressor: compressors.Compressor) -> None:
         if not isinstance(compressor, compressors.ScaledSign):
             raise ValueError(
-                f"Expected the 'sign' compressor on the sign route, but got {compressor.name!r}; "
-                "the sign route carries packed signs, not (index, value) pairs."
+                f"Expected the 'sign' or 'quantize' compressor on the sign route, but got {compressor.name!r}; "
+                "the sign route carries packed codes and block scales, not (index, value) pairs."
             )
 
     def begin(self, state: SparseHookState, step: BucketStep) -> None:
@@ -73,30 +73,27 @@ class SignRoute(DeviceRoute):
         read nothing."""
         super().begin(state, step)
         context = step.plan.context
-        agreed = (step.plan.masks.version, _sign_compressor(step).block)
+        agreed = (step.plan.masks.version, _sign_compressor(step).block, _sign_compressor(step).code_bits())
         if context.get("sign_agreed") == agreed:
             return
         blocks, compressor = _blocks(step), _sign_compressor(step)
-        row = [blocks.numel, compressor.block, blocks.count]
+        row = [blocks.numel, compressor.block, blocks.count, compressor.code_bits()]
         mine = torch.tensor(row, dtype=torch.int64, device=step.region.device)
         rows = [tuple(r) for r in state.backend.allgather_control(mine).cpu().tolist()]
         if len(set(rows)) > 1:
             raise PeerError(
-                "ranks disagree on a bucket's (entries, sign block size, blocks): "
+                "ranks disagree on a bucket's (entries, block size, blocks, bits per entry): "
                 + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
-                + " (their models, bucket orders, masks or `block` differ)"
+                + " (their models, bucket orders, masks, compressors or `block` differ)"
             )
         context["sign_agreed"] = agreed
 
-    def compensate(self, state: SparseHookState, step: BucketStep) -> None:
-        """Find the parameters that received no gradient (all zeros: not used by any forward
-        on this rank, as DDP hands them over), on the device, then compensate: they are sent
-        with a zero scale and keep their residual whole, as the other routes keep it (DDP
-        does not copy a result into the gradient of a parameter no rank used)."""
-        if state.options.error_feedback and step.region.numel():
-            grads = step.region if step.active is None else step.region.index_select(0, step.active)
-            step.held = _sign_compressor(step).idle_tensors(grads, _blocks(step))
-        super().compensate(state, step)
+    def idle_parameters(self, step: BucketStep) -> torch.Tensor:
+        """Per parameter of the blocks, whether it received no gradient (all zeros: not used
+        by any forward on this rank, as DDP hands them over): by the blocks' sums, one read
+        pass. Such a parameter is sent with a zero scale and keeps its residual whole."""
+        grads = step.region if step.active is None else step.region.index_select(0, step.active)
+        return _sign_compressor(step).idle_tensors(grads, _blocks(step))
 
     def _compensate_fused(self, state: SparseHookState, step: BucketStep) -> bool:
         return False  # the fused pass's magnitudes are top-k's; the plain compensation it is
@@ -113,7 +110,7 @@ class SignRoute(DeviceRoute):
         if step.encoded is not None and step.failure is None:
             return step.encoded
         blocks, device = _blocks(step), step.values.device
-        signs = torch.zeros((blocks.numel + 7) // 8, dtype=torch.uint8, device=device)
+        signs = torch.zeros(_sign_compressor(step).packed_bytes(blocks.numel), dtype=torch.uint8, device=device)
         return signs, torch.zeros(blocks.count, dtype=torch.bfloat16, device=device)
 
     def communicate(self, state: SparseHookState, step: BucketStep) -> torch.futures.Future[Any]:
@@ -122,8 +119,9 @@ class SignRoute(DeviceRoute):
             flag = torch.full((), fixed.FAILED, dtype=torch.int64, device=scales.device)
         else:  # a NaN or inf anywhere makes its block's scale non-finite
             flag = (~torch.isfinite(scales).all()).to(torch.int64) * fixed.NONFINITE
-        numel, block = step.values.numel(), _sign_compressor(step).block
-        return fixed.gather_signs(state.backend, signs, scales, flag, numel, step.plan.context, block=block)
+        numel, compressor = step.values.numel(), _sign_compressor(step)
+        block, bits = compressor.block, compressor.code_bits()
+        return fixed.gather_signs(state.backend, signs, scales, flag, numel, step.plan.context, block=block, bits=bits)
 
     def commit(self, state: SparseHookState, step: BucketStep, summed: Any) -> bool:
         gathered: fixed.Gathered = summed
