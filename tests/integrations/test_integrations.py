@@ -39,10 +39,8 @@ PARAMETERS = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4
 @pytest.mark.parametrize(
     "package,strategy,collective,optimizer",
     [
-        ("lightning", "ddp", "allgather", "sgd"),
         ("lightning", "ddp_spawn", "allgather", "sparse_adamw"),  # SparseAdamW built in the workers
         ("pytorch_lightning", "ddp", "allgather", "sparse_adamw"),
-        ("pytorch_lightning", "ddp_spawn", "allgather", "sgd"),
         ("lightning", "ddp_spawn", "shared_topk", "sgd"),  # the state pickled into the workers
     ],
 )

@@ -51,8 +51,7 @@ def _launcher(kind):
     return [exe, "--allow-run-as-root", "--oversubscribe", "-n", "2"]
 
 
-@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
-@pytest.mark.parametrize("min_numel", [0, 1024])
+@pytest.mark.parametrize("launcher,min_numel", [("horovodrun", 0), ("mpirun", 1024)])
 def test_horovod_optimizer_matches_the_ddp_hook(launcher, min_numel, tmp_path):
     out = tmp_path / "horovod.pt"
     cmd = [*_launcher(launcher), sys.executable, str(HERE / "horovod_checks.py"), str(out), str(min_numel)]
