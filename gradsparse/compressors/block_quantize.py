@@ -69,7 +69,7 @@ class BlockQuantizer(ScaledSign):
         wide = scales.to(dtype)
         if blocks is not None and blocks.ids is not None:
             return wide.index_select(0, blocks.ids)
-        return wide.repeat_interleave(self.block)[:numel]
+        return wide.unsqueeze(1).expand(-1, self.block).reshape(-1)[:numel]  # no repeat_interleave: see device.py
 
     def _pack(self, values: torch.Tensor, scales: torch.Tensor, blocks: Optional[SignBlocks]) -> torch.Tensor:
         n, levels, per = values.numel(), self.levels(), 8 // self.bits

@@ -112,9 +112,10 @@ def test_ranks_with_different_block_sizes_stop():
         assert "PeerError" in error and "rank 0: (12000, 64, 188, 1), rank 1: (12000, 128, 94, 2)" in error, error
 
 
-def test_a_step_makes_no_host_sync():
+@pytest.mark.parametrize("compressor", [{"compressor": "sign"}, {"compressor": "quantize", "bits": 4}])
+def test_a_step_makes_no_host_sync(compressor):
     """test_sync_free's profile of steps 3-5 on every thread, on the sign route."""
-    assert_no_host_sync(run_distributed(syncing_ops, 2, {"compressor": "sign"}))
+    assert_no_host_sync(run_distributed(syncing_ops, 2, compressor))
 
 
 def _refused(rank, world):
