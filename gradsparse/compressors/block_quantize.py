@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from gradsparse.checks import check_choice
-from gradsparse.compressors.scaled_sign import ScaledSign, SignBlocks
+from gradsparse.compressors.scaled_sign import ScaledSign, SignBlocks, pack_codes, unpack_codes
 
 __all__ = ["BlockQuantizer"]
 
@@ -72,23 +72,12 @@ class BlockQuantizer(ScaledSign):
         return wide.unsqueeze(1).expand(-1, self.block).reshape(-1)[:numel]  # no repeat_interleave: see device.py
 
     def _pack(self, values: torch.Tensor, scales: torch.Tensor, blocks: Optional[SignBlocks]) -> torch.Tensor:
-        n, levels, per = values.numel(), self.levels(), 8 // self.bits
+        n, levels = values.numel(), self.levels()
         step = self._entry_scales(scales, n, values.dtype, blocks)
         # the sent scale (bfloat16) sets the levels; a zero scale (zeros, no gradient) sends zeros
         level = torch.where(step > 0, values / step, 0.0).round_().clamp_(-levels, levels).add_(levels)
-        codes = torch.full(((n + per - 1) // per * per,), levels, dtype=torch.uint8, device=values.device)
-        codes[:n] = level.nan_to_num_(levels)  # a NaN's block scale is NaN: the flag word says so
-        if per == 1:
-            return codes
-        weights = torch.tensor([1 << (self.bits * j) for j in range(per)], dtype=torch.uint8, device=values.device)
-        return (codes.view(-1, per) * weights).sum(dim=1, dtype=torch.uint8)
+        # a NaN's block scale is NaN (the flag word says so): its code is any valid one
+        return pack_codes(level.nan_to_num_(levels).to(torch.uint8), self.bits)
 
     def _unpack(self, packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        per = 8 // self.bits
-        if per == 1:
-            codes = packed[:numel]
-        else:
-            shifts = torch.tensor([self.bits * j for j in range(per)], dtype=torch.uint8, device=packed.device)
-            mask = (1 << self.bits) - 1
-            codes = ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:numel]
-        return codes.to(dtype).sub_(self.levels())
+        return unpack_codes(packed, numel, self.bits).to(dtype).sub_(self.levels())

@@ -23,7 +23,7 @@ and sums the decoded messages in rank order. Pair it with
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,28 +31,48 @@ from gradsparse.checks import check_int
 from gradsparse.compressors.base import Compressor, CompressorState
 from gradsparse.payload import SparsePayload, index_dtype_for
 
-__all__ = ["ScaledSign", "SignBlocks", "pack_signs", "unpack_signs"]
+__all__ = ["ScaledSign", "SignBlocks", "pack_codes", "pack_signs", "unpack_codes", "unpack_signs"]
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+_SHIFTS: Dict[Tuple[int, torch.device], torch.Tensor] = {}  # made once per (bits, device)
 
 
-def _weights(device: torch.device) -> torch.Tensor:
-    return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Where each of a byte's ``8 // bits`` codes starts (no host-to-device copy per step)."""
+    key = (bits, device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
+    return _SHIFTS[key]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``ceil(n * bits / 8)`` bytes of the ``n`` uint8 ``codes`` (each below ``2**bits``;
+    ``bits`` 1, 2, 4 or 8): code ``i`` from bit ``(i % per) * bits`` of byte ``i // per``,
+    ``per = 8 // bits`` (at 8 bits, ``codes`` itself)."""
+    per, n = 8 // bits, codes.numel()
+    if per == 1:
+        return codes
+    padded = torch.zeros((n + per - 1) // per * per, dtype=torch.uint8, device=codes.device)
+    padded[:n] = codes
+    return (padded.view(-1, per) << _shifts(bits, codes.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, numel: int, bits: int) -> torch.Tensor:
+    """The ``numel`` uint8 codes of :func:`pack_codes`' bytes."""
+    if bits == 8:
+        return packed[:numel]
+    codes = (packed.unsqueeze(1) >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel]
 
 
 def pack_signs(values: torch.Tensor) -> torch.Tensor:
     """``ceil(n / 8)`` bytes: bit ``i % 8`` of byte ``i // 8`` is set when ``values[i] >= 0``
     (or is NaN: its scale says so)."""
-    n = values.numel()
-    bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=values.device)
-    bits[:n] = ~(values < 0)
-    return (bits.view(-1, 8) * _weights(values.device)).sum(dim=1, dtype=torch.uint8)
+    return pack_codes((~(values < 0)).to(torch.uint8), 1)
 
 
 def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """``numel`` signs (+1 or -1, of ``dtype``) from :func:`pack_signs`' bytes."""
-    bits = (packed.unsqueeze(1) & _weights(packed.device)) != 0
-    return bits.reshape(-1)[:numel].to(dtype).mul_(2).sub_(1)
+    return unpack_codes(packed, numel, 1).to(dtype).mul_(2).sub_(1)
 
 
 @dataclass(frozen=True)
