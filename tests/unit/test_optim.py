@@ -39,6 +39,65 @@ def test_preconditioner_divides_each_named_span_by_its_own_bias_corrected_root()
     assert torch.equal(buffer[5:], zero)  # no gradient: still none
 
 
+def test_averaged_second_moment_is_the_documented_estimate_written_out():
+    """With ``ranks`` P and a first moment, what is sent is ``m_hat / sqrt(f)``,
+    ``f = min(1, 1/P + (1 - 1/P) m_hat**2)`` (module docstring), written out here; one rank,
+    or ``averaged_second_moment=False``, sends ``m_hat`` itself."""
+    gen = torch.Generator().manual_seed(0)
+    pres = {
+        (4, True): AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9),
+        (1, True): AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9),
+        (4, False): AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9, averaged_second_moment=False),
+    }
+    m, v = torch.zeros(50, dtype=torch.float64), torch.zeros(50, dtype=torch.float64)
+    for t in range(1, 30):
+        g = torch.randn(50, generator=gen) + torch.linspace(-3, 3, 50)  # steady and noisy coordinates
+        v = 0.99 * v + 0.01 * g.double() ** 2
+        m = 0.9 * m + 0.1 * g.double() / ((v / (1 - 0.99**t)).sqrt() + 1e-8)
+        m_hat = m / (1 - 0.9**t)
+        f = (0.25 + 0.75 * m_hat**2).clamp(max=1.0)
+        for (ranks, averaged), pre in pres.items():
+            buffer = g.clone()
+            pre.apply([("w", 0, 50)], buffer, ranks=ranks)
+            expected = m_hat / f.sqrt() if ranks > 1 and averaged else m_hat
+            assert_close(buffer.double(), expected, rtol=1e-5, atol=1e-6)
+    assert pres[(4, True)].state_dict()["averaged_second_moment"] is True
+    again = AdamPreconditioner(0.5, 1.0)
+    again.load_state_dict({**pres[(4, True)].state_dict(), "averaged_second_moment": False})
+    assert again.averaged_second_moment is False
+    old = {k: v for k, v in pres[(4, True)].state_dict().items() if k != "averaged_second_moment"}  # saved before
+    again.averaged_second_moment = True
+    again.load_state_dict(old)
+    assert again.averaged_second_moment is False  # it divided by each rank's own moment
+
+
+def test_averaged_second_moment_keeps_steady_gradients_and_scales_noise_by_the_rank_count():
+    """The two limits: a constant gradient is sent as Adam's unit step whatever P; pure noise
+    gets the averaged gradient's smaller second moment, so a larger step (sqrt(P) at most)."""
+    pre = AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9)
+    steady = torch.tensor([0.5, -2.0, 3.0])
+    for _ in range(20):
+        buffer = steady.clone()
+        pre.apply([("w", 0, 3)], buffer, ranks=8)
+        assert_close(buffer, steady.sign())
+    gen = torch.Generator().manual_seed(1)
+    noise = {P: AdamPreconditioner(beta2=0.99, eps=1e-8, beta1=0.9) for P in (1, 4)}
+    ratios = []
+    for t in range(400):
+        g = torch.randn(20000, generator=gen, dtype=torch.float64)
+        sent = {}
+        for P, p in noise.items():
+            sent[P] = g.clone()
+            p.apply([("w", 0, 20000)], sent[P], ranks=P)
+        if t >= 200:
+            ratios.append(float(sent[4].norm() / sent[1].norm()))
+    # m_hat of pure noise is about normal with variance s2 = (1 - b1) / (1 + b1); the norm
+    # ratio squared is the m_hat**2-weighted mean of 1/f, at least 1 / (1/4 + 3/4 * 3 s2)
+    s2 = 0.1 / 1.9
+    assert (0.25 + 0.75 * 3 * s2) ** -0.5 - 0.02 <= sum(ratios) / len(ratios) <= 2.0
+    assert max(ratios) <= 2.0 + 1e-9  # never more than sqrt(P)
+
+
 def test_integrations_warn_about_an_adaptive_optimizer_without_the_preconditioner(caplog):
     from gradsparse.integrations._registration import HookOnModel
 
