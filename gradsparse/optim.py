@@ -18,8 +18,8 @@ leave it off (the integrations refuse it); Adam's normalisation bounds each coor
 step already.
 
 With every gradient sent (density 1) it is AdamW with each rank's estimate of the averaged
-gradient's second moment in place of that moment itself. Why AdamW itself fails with sparse gradients is in
-:mod:`gradsparse.precondition`.
+gradient's second moment in place of that moment itself. Why AdamW itself fails with
+sparse gradients is in :mod:`gradsparse.precondition`.
 """
 
 from __future__ import annotations
@@ -56,11 +56,9 @@ class SparseAdamW(torch.optim.Optimizer):
             are updated by their normalised gradient, which measured 1.1% against 7.4% over
             dense on the quality benchmark with ``sign`` (docs/optimizers.md).
         second_moment: ``"averaged"`` (default): with ``first_moment="local"``, each rank
-            estimates the second moment of the averaged gradient, as AdamW would take it,
-            from its own moments (:mod:`gradsparse.precondition`), without communicating;
-            ``"local"``: each rank divides by its own gradient's second moment, noisier by
-            the number of ranks (this class's behaviour before; measured worse in long
-            runs).
+            estimates the averaged gradient's second moment, which AdamW takes, from its own
+            moments, without communicating (:mod:`gradsparse.precondition`); ``"local"``:
+            each rank's own, noisier by the rank count (the class before; measured worse).
 
     With the hook's DGC momentum correction (``momentum=m``), the first moment is the
     hook's velocity, where momentum factor masking clears it once sent; the optimizer
@@ -114,15 +112,9 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("this SparseAdamW is attached to another SparseHookState already")
         self.local_first_moment = self.first_moment == "local" and not hook.options.momentum
         beta1, beta2, eps = self._preconditioner_settings(self.local_first_moment)
-        hook.precondition(
-            AdamPreconditioner(
-                beta2,
-                eps,
-                beta1,
-                vector_first_moment=self.vector_first_moment,
-                averaged_second_moment=self.second_moment == "averaged",
-            )
-        )
+        averaged = self.second_moment == "averaged"
+        pre = AdamPreconditioner(beta2, eps, beta1, self.vector_first_moment, averaged_second_moment=averaged)
+        hook.precondition(pre)
         self.hook = hook
 
     def _shared(self, what: str, read: Callable[[Dict[str, Any]], float]) -> float:

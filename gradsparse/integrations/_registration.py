@@ -97,8 +97,9 @@ class HookOnModel:
                     "gradsparse: %s on sparse gradients ends worse than dense training: on the quality "
                     "benchmark's character GPT, about +12%% validation loss at 10%% density and +24-28%% at 1%%. "
                     "Use gradsparse.optim.SparseAdamW (its moments are taken before compression) with the "
-                    "'sign' compressor, which kept that model about 2%% over dense AdamW at about 1.2x top-k "
-                    "1%%'s bytes, or 'quantize' with bits=2 (+0.4%% after 600 steps, +2%% after 2400, at 2.3x) "
+                    "'sign' compressor, which kept that model within about 1.5%% of dense AdamW (-1.4%% after "
+                    "600 steps, -0.7%% after 2400) at about 1.2x top-k 1%%'s bytes, or 'quantize' with bits=2 "
+                    "(-2.5%% after 600 steps, at 2.3x) "
                     "(docs/optimizers.md); compare with a dense run on your model",
                     type(opt).__name__,
                 )

@@ -19,6 +19,8 @@ def test_sparse_adamw_refuses_what_it_cannot_use():
         gs.optim.SparseAdamW(params, betas=(0.9,), hook=state)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`lr`"):
         gs.optim.SparseAdamW(params, lr=-1.0, hook=state)
+    with pytest.raises(ValueError, match=r"`second_moment`.*'averaged', 'local'.*'global'"):
+        gs.optim.SparseAdamW(params, hook=state, second_moment="global")
     with pytest.raises(ValueError, match="`eps`"):
         AdamPreconditioner(0.999, 0.0)
     assert state.preconditioner is None  # nothing installed by a refused optimizer
@@ -66,9 +68,11 @@ def test_averaged_second_moment_is_the_documented_estimate_written_out():
     again.load_state_dict({**pres[(4, True)].state_dict(), "averaged_second_moment": False})
     assert again.averaged_second_moment is False
     old = {k: v for k, v in pres[(4, True)].state_dict().items() if k != "averaged_second_moment"}  # saved before
-    again.averaged_second_moment = True
-    again.load_state_dict(old)
-    assert again.averaged_second_moment is False  # it divided by each rank's own moment
+    for built in (True, False):  # it existed: the choice this preconditioner was built with stays
+        fresh = AdamPreconditioner(0.5, 1.0, averaged_second_moment=built)
+        fresh.load_state_dict(old)
+        assert fresh.averaged_second_moment is built
+        assert torch.equal(fresh.second_moments["w"], pres[(4, True)].second_moments["w"])
 
 
 def test_averaged_second_moment_keeps_steady_gradients_and_scales_noise_by_the_rank_count():
