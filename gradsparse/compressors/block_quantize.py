@@ -63,21 +63,13 @@ class BlockQuantizer(ScaledSign):
         peaks = self.per_block(values.abs(), blocks or self.blocks(values.numel()), "amax")
         return peaks.div_(self.levels()).to(torch.bfloat16)
 
-    def _entry_scales(
-        self, scales: torch.Tensor, numel: int, dtype: torch.dtype, blocks: Optional[SignBlocks]
-    ) -> torch.Tensor:
-        wide = scales.to(dtype)
-        if blocks is not None and blocks.ids is not None:
-            return wide.index_select(0, blocks.ids)
-        return wide.unsqueeze(1).expand(-1, self.block).reshape(-1)[:numel]  # no repeat_interleave: see device.py
-
     def _pack(self, values: torch.Tensor, scales: torch.Tensor, blocks: Optional[SignBlocks]) -> torch.Tensor:
-        n, levels = values.numel(), self.levels()
-        step = self._entry_scales(scales, n, values.dtype, blocks)
-        # the sent scale (bfloat16) sets the levels; a zero scale (zeros, no gradient) sends zeros
-        level = torch.where(step > 0, values / step, 0.0).round_().clamp_(-levels, levels).add_(levels)
-        # a NaN's block scale is NaN (the flag word says so): its code is any valid one
-        return pack_codes(level.nan_to_num_(levels).to(torch.uint8), self.bits)
+        levels = self.levels()
+        # the sent scale (bfloat16) sets the levels. Over a zero scale (a block of zeros, an idle
+        # parameter's) the codes say zero; a NaN's block scale is NaN (the flag word says so)
+        level = self.by_block_(values.clone(), scales, blocks, divide=True).nan_to_num_(0.0, 0.0, 0.0)
+        level.round_().clamp_(-levels, levels).add_(levels)
+        return pack_codes(level.to(torch.uint8), self.bits)
 
     def _unpack(self, packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return unpack_codes(packed, numel, self.bits).to(dtype).sub_(self.levels())

@@ -199,15 +199,22 @@ class ScaledSign(Compressor):
         blocks: Optional[SignBlocks] = None,
     ) -> torch.Tensor:
         """The ``numel`` values, of ``dtype``, that ``(codes, scales)`` stand for."""
-        decoded = self._unpack(signs, numel, dtype)
-        scales = scales.to(dtype)
+        return self.by_block_(self._unpack(signs, numel, dtype), scales, blocks)
+
+    def by_block_(
+        self, values: torch.Tensor, scales: torch.Tensor, blocks: Optional[SignBlocks], divide: bool = False
+    ) -> torch.Tensor:
+        """The flat ``values`` times (or, with ``divide``, over) each entry's block scale, in
+        place; regular blocks without a copy of the scales per entry."""
+        scales, apply = scales.to(values.dtype), (torch.Tensor.div_ if divide else torch.Tensor.mul_)
         if blocks is not None and blocks.ids is not None:
-            return decoded.mul_(scales.index_select(0, blocks.ids))
+            return apply(values, scales.index_select(0, blocks.ids))
+        numel = values.numel()
         whole = numel - numel % self.block
-        decoded[:whole].view(-1, self.block).mul_(scales[: numel // self.block].unsqueeze(1))
+        apply(values[:whole].view(-1, self.block), scales[: numel // self.block].unsqueeze(1))
         if numel % self.block:
-            decoded[whole:].mul_(scales[-1])
-        return decoded
+            apply(values[whole:], scales[-1])
+        return values
 
     def _unpack(self, packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """Each entry's multiple of its block's scale (here +1 or -1)."""
