@@ -24,16 +24,21 @@ import torch
 
 from gradsparse import kernels
 from gradsparse.buffers import reusable
-from gradsparse.payload import SparsePayload
+from gradsparse.payload import SparsePayload, index_dtype_for
 from gradsparse.registry import Registry
 
+from . import fixed
 from ._common import bounds, decode_all, header_flags
 from .backend import Backend, completed_future
 from .cost import SparseCost
 from .wire import (
+    FLAG_ERROR,
+    FLAG_NONFINITE,
+    LIST,
     Headers,
     Message,
     PayloadError,
+    check_payload,
     choose_encoding,
     encode,
     encoded_bytes,
@@ -109,12 +114,27 @@ class Collective(ABC):
         context: Optional[Dict[str, Any]] = None,
         nonfinite: bool = False,
         failed: bool = False,
+        count: Optional[int] = None,
     ) -> torch.futures.Future[Reduced]:
         """Sum every rank's payload. ``nonfinite``: this rank's gradient holds NaN/inf (the
         result is NaN everywhere); ``failed``: this rank could not build its payload (every
-        other rank raises :class:`PeerError`). Every rank must call it together."""
+        other rank raises :class:`PeerError`). ``count``: how many entries every rank sends,
+        when every rank knows it without looking at the data (a compressor with an exact
+        budget); a collective that can use it skips the header exchange
+        (:meth:`reduce_known`) from the second call with the same ``context`` on: the first
+        exchanges headers, which checks that every rank sends that many entries of the same
+        tensor. Every rank must call it together, with the same ``count``."""
         context = context if context is not None else {}
+        agreed = (payload.numel, count, payload.values.dtype)
+        if count is not None and context.get("agreed_count") == agreed:
+            known = self.reduce_known(payload, backend, count, context, flags=header_flags(nonfinite, failed))
+            if known is not None:
+                return known
         headers = self.exchange(payload, backend, context, flags=header_flags(nonfinite, failed))
+        if count is not None and not any(headers.flags) and headers.counts == [count] * len(headers.counts):
+            # every rank validated that every rank sends ``count`` entries of this tensor:
+            # from the next call on, the header exchange may be skipped
+            context["agreed_count"] = agreed
         if headers.nonfinite:
             return completed_future(Reduced(headers.numel, nonfinite=True, counts=tuple(headers.counts)))
         return self.combine(payload, backend, headers, context)
@@ -129,6 +149,17 @@ class Collective(ABC):
         self, payload: SparsePayload, backend: Backend, headers: Headers, context: Dict[str, Any]
     ) -> torch.futures.Future[Reduced]:
         """Move the payloads and sum them (phase two), given the exchanged headers."""
+
+    def reduce_known(
+        self, payload: SparsePayload, backend: Backend, count: int, context: Dict[str, Any], *, flags: int
+    ) -> Optional[torch.futures.Future[Reduced]]:
+        """The sum without a header exchange, when every rank sends ``count`` entries; None
+        when this collective has no such path for them (the default): then the caller
+        exchanges headers. Every rank must decide alike from ``count`` and the payload's
+        size and dtypes. Errors (a failed or mismatched peer) are raised from the future,
+        on every rank, never before the messages are out."""
+        del payload, backend, count, context, flags
+        return None
 
     def reduce_dense(
         self,
@@ -202,6 +233,47 @@ class AllgatherCollective(Collective):
 
         return fut.then(_decode)
 
+    def reduce_known(
+        self, payload: SparsePayload, backend: Backend, count: int, context: Dict[str, Any], *, flags: int
+    ) -> Optional[torch.futures.Future[Reduced]]:
+        """One equal-size allgather of ``[flag word | numel, count, dtypes | count indices |
+        count values]`` (:func:`gradsparse.comm.fixed.gather_fixed`): the same bytes as the
+        list encoding, without the blocking header round trip before it. Only where the
+        list is the encoding :meth:`exchange` would choose (low densities)."""
+        numel, values_dtype = payload.numel, payload.values.dtype
+        index_dtype = index_dtype_for(numel)
+        if not count or choose_encoding(count, numel, values_dtype, index_dtype) != LIST:
+            return None
+        problem = None if flags else check_payload(payload)
+        if problem is None and not flags and (payload.count != count or payload.indices.dtype != index_dtype):
+            problem = f"an exact budget of {count} entries was announced, but the payload holds {payload.count}"
+        if flags or problem is not None:
+            flags |= FLAG_ERROR if problem is not None else 0
+            indices = torch.zeros(count, dtype=index_dtype, device=payload.values.device)
+            payload = SparsePayload(indices, torch.zeros(count, dtype=values_dtype, device=indices.device), numel)
+        flag = torch.tensor(flags, dtype=torch.int64, device=payload.values.device)
+        me = backend.rank
+
+        def _sum(fut: torch.futures.Future[fixed.Gathered]) -> Reduced:
+            gathered = fut.value()
+            words = gathered.flags.tolist()
+            if problem is not None:
+                raise PayloadError(f"rank {me} refused to send its payload: {problem}")
+            fixed.check_words(words)
+            counts = (count,) * len(words)
+            if any(w & FLAG_NONFINITE for w in words):
+                return Reduced(numel, nonfinite=True, counts=counts)
+            parts = []
+            for r, (idx, vals) in enumerate(zip(gathered.indices, gathered.values)):
+                low, high = (int(b) for b in torch.aminmax(idx))
+                if low < 0 or high >= numel:
+                    seen = f"indices outside [0, {numel}) (seen [{low}, {high}])"
+                    raise PayloadError(f"rank(s) [{r}] sent a bad message: {seen}")
+                parts.append(Message(0, sparse=SparsePayload(idx, vals, numel)))
+            return Reduced(numel, parts=parts, counts=counts)
+
+        return fixed.gather_fixed(backend, payload.values, payload.indices, flag, numel, context).then(_sum)
+
 
 def allreduce_ordered(
     tensor: torch.Tensor, backend: Backend, context: Optional[Dict[str, Any]] = None
@@ -209,11 +281,22 @@ def allreduce_ordered(
     """Sum a dense tensor across ranks, in place, in rank order: reduce-scatter by
     all-to-all, an ordered sum of each owned range, then an allgather. It moves the same
     2(P-1)/P·n·itemsize bytes as a ring allreduce, but its bits do not depend on the
-    transport."""
+    transport. For two ranks, one allgather of the whole tensor moves those bytes too,
+    and nothing waits on the calling thread: the sum is formed when it arrives."""
     p, me = backend.size, backend.rank
     flat = tensor.view(-1)
     if p == 1:
         return completed_future(tensor)
+    if p == 2:
+
+        def _sum(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            pieces = f.value().view(p, -1)
+            # (0 + a) + b, the ordered sum below, differs from a + b only where both are -0.0,
+            # which it makes +0.0: so does adding 0.0 afterwards, leaving all else as it is
+            torch.add(pieces[0], pieces[1], out=flat).add_(0.0)
+            return tensor
+
+        return backend.allgather(flat.contiguous()).then(_sum)
     numel, isz = flat.numel(), flat.element_size()
     edges = bounds(numel, p)
     chunk = [(edges[r + 1] - edges[r]) * isz for r in range(p)]

@@ -24,9 +24,11 @@ import torch
 from gradsparse.buffers import reusable
 
 from .backend import Backend
+from .wire import PeerError
 
 __all__ = [
-    "FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "gather_fixed", "gather_signs",
+    "FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "check_words", "gather_fixed",
+    "gather_signs",
 ]  # fmt: skip
 
 #: bits of the flag word; MISMATCHED is set by the receiver
@@ -116,6 +118,17 @@ def _gather_parts(
     return backend.allgather(message).then(unpack)
 
 
+#: dtype codes in the header's second word (15: another dtype)
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4, torch.int32: 5, torch.int64: 6}
+
+
+def _kind_word(values: torch.Tensor, indices: Optional[torch.Tensor]) -> int:
+    """The header's second word: k and the dtypes, so that a peer sending another count or
+    dtype (of the same byte size) is flagged MISMATCHED."""
+    icode = 0 if indices is None else _DTYPE_CODES.get(indices.dtype, 15)
+    return values.numel() * 256 + _DTYPE_CODES.get(values.dtype, 15) * 16 + icode
+
+
 def gather_fixed(
     backend: Backend,
     values: torch.Tensor,
@@ -125,8 +138,9 @@ def gather_fixed(
     context: Dict[str, Any],
 ) -> torch.futures.Future[Gathered]:
     """Allgather every rank's k ``values`` and (``indices`` not None) k indices into a
-    tensor of ``numel``, with the 0-dim int64 device tensor ``flag`` as the flag word.
-    ``context`` keeps the message buffer and the header words from one step to the next."""
+    tensor of ``numel``, with the 0-dim int64 tensor ``flag`` (on the values' device) as the
+    flag word. ``context`` keeps the message buffer and the header words from one step to
+    the next."""
     parts = [values] if indices is None else [values, indices]
 
     def as_gathered(fut: torch.futures.Future[Tuple[torch.Tensor, List[List[torch.Tensor]]]]) -> Gathered:
@@ -135,7 +149,7 @@ def gather_fixed(
             (flags != 0).any(), flags, [v[0] for v in views], [v[1] for v in views] if indices is not None else []
         )
 
-    return _gather_parts(backend, parts, flag, (numel, values.numel()), context).then(as_gathered)
+    return _gather_parts(backend, parts, flag, (numel, _kind_word(values, indices)), context).then(as_gathered)
 
 
 def gather_signs(
@@ -161,6 +175,23 @@ def gather_signs(
         return Gathered((flags != 0).any(), flags, [v[1] for v in views], [v[0] for v in views])
 
     return _gather_parts(backend, [signs, scales], flag, (numel, block * 16 + bits), context).then(as_gathered)
+
+
+def check_words(words: List[int]) -> None:
+    """Raise :class:`PeerError` on every rank when some rank's flag word (of a fixed-size
+    message) says it failed or sent for another tensor."""
+    failed = [r for r, w in enumerate(words) if w & FAILED]
+    if failed:
+        raise PeerError(
+            f"rank(s) {failed} failed before sending their gradient payload; this rank stops too. "
+            "See the failing rank's log for the cause."
+        )
+    mismatched = [r for r, w in enumerate(words) if w & MISMATCHED]
+    if mismatched:
+        raise PeerError(
+            f"rank(s) {mismatched} sent a message for another tensor size, count or dtype "
+            "(the ranks' models or bucket orders differ)"
+        )
 
 
 class FlagCopy:

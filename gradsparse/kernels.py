@@ -26,7 +26,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -163,8 +163,20 @@ class FusedScan:
     large: Optional[torch.Tensor]
 
 
+def _segments(
+    grad: Sequence[torch.Tensor], residual: Optional[torch.Tensor], sizes: Sequence[int], into: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """A gradient given as segments: (the flat tensor its layout is checked against, the segments)."""
+    pieces = list(grad)
+    if residual is None or into is None or len(pieces) != len(sizes):
+        raise ValueError("compensate_scan over segments needs a residual, an `into` and one segment per size")
+    if [p.numel() for p in pieces] != list(sizes):
+        raise ValueError(f"segments of {[p.numel() for p in pieces]} entries, sizes say {list(sizes)}")
+    return residual, pieces
+
+
 def compensate_scan(
-    grad: torch.Tensor,
+    grad: Union[torch.Tensor, Sequence[torch.Tensor]],
     residual: Optional[torch.Tensor],
     sizes: Sequence[int],
     floor: Optional[float],
@@ -174,15 +186,20 @@ def compensate_scan(
     """One pass over ``grad``: add ``residual`` (when given) into ``into`` (default: into
     ``grad`` itself), check finiteness, tell which of the consecutive segments of ``sizes``
     entries had an all-zero gradient, and gather the indices where the result reaches
-    ``floor``. ``scratch`` keeps the index buffer between calls. None when the kernel does
-    not apply: nothing was done."""
+    ``floor``. ``grad`` may also be given as its segments, one tensor each, wherever they
+    lie (a DDP bucket's parameters between others): then it is only read, and ``residual``
+    and ``into`` are required. ``scratch`` keeps the index buffer between calls. None when
+    the kernel does not apply: nothing was done."""
     kernels = _compiled()
-    if kernels is None or not supports(grad) or (residual is not None and not supports(residual)):
+    flat, pieces = (grad, None) if isinstance(grad, torch.Tensor) else _segments(grad, residual, sizes, into)
+    if pieces is not None and not all(supports(p) and p.dtype == flat.dtype for p in pieces):
+        return None
+    if kernels is None or not supports(flat) or (residual is not None and not supports(residual)):
         return None
     for other in (residual, into):
-        if other is not None and (not supports(other) or other.dtype != grad.dtype or other.numel() != grad.numel()):
+        if other is not None and (not supports(other) or other.dtype != flat.dtype or other.numel() != flat.numel()):
             return None
-    g = grad.numpy()
+    g = flat.numpy()
     r = residual.numpy() if residual is not None else g[:0]
     o = g if into is None else into.numpy()
     total = sum(sizes)
@@ -195,10 +212,11 @@ def compensate_scan(
     kernel = kernels["scan" if residual is None else "compensate"]
     slots, count, finite, offset = out.numpy(), 0, True, 0
     nonzero = []
-    for n in sizes:
+    for at, n in enumerate(sizes):
         end = offset + n
         piece_r, piece_o = (r[offset:end], o[offset:end]) if residual is not None else (r, r)
-        count, piece_finite, seen = kernel(g[offset:end], piece_r, piece_o, threshold, slots, count, offset)
+        piece_g = g[offset:end] if pieces is None else pieces[at].numpy()
+        count, piece_finite, seen = kernel(piece_g, piece_r, piece_o, threshold, slots, count, offset)
         finite = finite and piece_finite
         nonzero.append(bool(seen))
         offset = end

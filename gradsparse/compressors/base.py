@@ -98,6 +98,13 @@ class Compressor(ABC):
         del state, like, values_at
         return None
 
+    def exact_count(self, numel: int) -> Optional[int]:
+        """How many entries :meth:`compress` selects from ``numel`` entries, when that does
+        not depend on the values (every rank then knows every rank's count without asking,
+        and collectives can skip their header exchange); None (default) when it does."""
+        del numel
+        return None
+
     def observe(self, grad: torch.Tensor, state: CompressorState) -> None:
         """See the fresh (uncompensated) gradient before compression. Default: nothing."""
         del grad, state

@@ -44,6 +44,9 @@ class TopK(Compressor):
     ) -> Optional[float]:
         return density_floor(self.density, state, like, values_at)
 
+    def exact_count(self, numel: int) -> Optional[int]:
+        return k_for_density(self.density, numel)
+
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)
         k = k_for_density(self.density, flat.numel())

@@ -70,6 +70,13 @@ class CompressorStates:
             state = self.states[key] = CompressorState(key=key)
         return compressor.candidate_floor(state, like, values_at)
 
+    def exact_count(self, compressor: Compressor, layout: Layout, numel: int) -> Optional[int]:
+        """How many entries :meth:`compress` returns over ``numel`` entries laid out as
+        ``layout``, when that does not depend on the values (None otherwise)."""
+        pieces = [numel] if self.scope == "bucket" or len(layout) <= 1 else [n for _, n in layout]
+        counts = [compressor.exact_count(n) for n in pieces]
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
     def compress(
         self,
         compressor: Compressor,

@@ -147,6 +147,23 @@ class BucketPlan:
             pos += n
         return region
 
+    def pieces(self, buffer: torch.Tensor) -> List[torch.Tensor]:
+        """The compressed parameters where they lie in the bucket, in canonical order (views)."""
+        return [buffer[off : off + n] for (_, n), off in zip(self.layout, self.offsets)]
+
+    def in_bucket(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions in the region (any integer dtype, each in ``[0, numel)``) as int64
+        positions in the bucket."""
+        key = f"region_shifts:{positions.device}"
+        if key not in self.scratch:
+            sizes = [n for _, n in self.layout]
+            ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+            shifts = torch.tensor(self.offsets, dtype=torch.int64) - (ends - torch.tensor(sizes, dtype=torch.int64))
+            self.scratch[f"region_ends:{positions.device}"] = ends.to(positions.device)
+            self.scratch[key] = shifts.to(positions.device)
+        owners = torch.bucketize(positions, self.scratch[f"region_ends:{positions.device}"], right=True)
+        return positions.long() + self.scratch[key].index_select(0, owners)
+
     def scatter(self, buffer: torch.Tensor, region: torch.Tensor) -> None:
         """Write the region back (nothing to do when it is a view of the bucket)."""
         if self.region_start is not None:

@@ -35,9 +35,8 @@ def prepare(state: SparseHookState, buffer: torch.Tensor, params: Sequence[torch
     if state.preconditioner is not None:
         state.preconditioner.apply(plan.segments, buffer, vectors=plan.vectors, ranks=state.backend.size)
     decision = state.policy.decide(state.step, plan, state.backend, buffer)
-    region = plan.gather(buffer)
     step = BucketStep(
-        plan, decision, buffer, region, values=region, active=plan.masks.active if decision.masked else None,
+        plan, decision, buffer, active=plan.masks.active if decision.masked else None,
         payload=SparsePayload.empty(decision.work_numel, buffer), started=time.perf_counter(),
     )  # fmt: skip
     decision.route.begin(state, step)
@@ -61,14 +60,18 @@ def _communicate(state: SparseHookState, step: BucketStep) -> List[torch.futures
     return futures
 
 
-def write(state: SparseHookState, step: BucketStep, averaged: torch.Tensor, small: Optional[torch.Tensor]) -> None:
+def write(
+    state: SparseHookState, step: BucketStep, averaged: Optional[torch.Tensor], small: Optional[torch.Tensor]
+) -> None:
     """The averaged sums into the bucket. ``averaged`` is laid out as ``step.values``; a
-    route that decoded into the region itself saves a copy."""
-    if step.active is not None:  # masked coordinates get no gradient
-        step.region.zero_().index_copy_(0, step.active, averaged)
-    elif averaged.data_ptr() != step.region.data_ptr():
-        step.region.copy_(averaged)
-    step.plan.scatter(step.buffer, step.region)
+    route that decoded into the region itself saves a copy, and one that wrote the bucket
+    itself returns None."""
+    if averaged is not None:
+        if step.active is not None:  # masked coordinates get no gradient
+            step.region.zero_().index_copy_(0, step.active, averaged)
+        elif averaged.data_ptr() != step.region.data_ptr():
+            step.region.copy_(averaged)
+        step.plan.scatter(step.buffer, step.region)
     if small is not None:
         step.plan.write_small(step.buffer, small, state.backend.size)
 

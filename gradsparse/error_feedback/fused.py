@@ -10,7 +10,7 @@ candidate floor, so that selection reads only those."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Collection, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Collection, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,13 +44,20 @@ def can_fuse(feedback: ErrorFeedback, grad: torch.Tensor) -> bool:
 
 
 def compensated_at(
-    feedback: ErrorFeedback, layout: Layout, grad: torch.Tensor, positions: torch.Tensor, scale: float = 1.0
+    feedback: ErrorFeedback,
+    layout: Layout,
+    grad: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    in_grad: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """What compensation would make of ``grad`` at ``positions``, without compensating
-    (without momentum: the gradient plus the residual there)."""
+    (without momentum: the gradient plus the residual there). ``in_grad``: the same
+    positions in ``grad`` when it is not laid out as ``layout`` (a bucket)."""
     if feedback.correction is not None:
         raise ValueError("compensated_at() is for error feedback without momentum")
-    values = torch.index_select(grad, 0, positions)
+    values = torch.index_select(grad, 0, positions if in_grad is None else in_grad)
     if not feedback.is_zero(layout):
         feedback.loss_scales.rescale(layout, feedback.stores(), grad, scale)
         values.add_(torch.index_select(feedback.memory.flat(layout, grad), 0, positions))
@@ -64,21 +71,26 @@ def compensate_scan(
     scale: float = 1.0,
     floor: Optional[float] = None,
     scratch: Optional[Dict[str, torch.Tensor]] = None,
+    *,
+    pieces: Optional[Sequence[torch.Tensor]] = None,
 ) -> Optional[ScanResult]:
     """:meth:`ErrorFeedback.compensate` fused with the scan of ``grad``. ``idle`` names the
     parameters whose gradient was all zeros: their entries come out zero and their state
     is kept. ``candidates`` holds the ascending indices where the compensated magnitude
     reaches ``floor`` (None without a floor). (With no residual yet, ``compensated`` is
-    ``grad`` itself.) None when the kernel does not apply (:func:`can_fuse`): nothing was
-    done."""
-    if not can_fuse(feedback, grad):
+    ``grad`` itself.) ``pieces``: the gradient as one tensor per parameter of ``layout``,
+    wherever they lie (``grad`` then only gives the dtype and device), read and never
+    written; this needs a residual. None when the kernel does not apply
+    (:func:`can_fuse`, or ``pieces`` without a residual): nothing was done."""
+    if not can_fuse(feedback, grad) or (pieces is not None and feedback.is_zero(layout)):
         return None
     residual = into = None
     if not feedback.is_zero(layout):
         feedback.loss_scales.rescale(layout, feedback.stores(), grad, scale)
         residual = feedback.memory.flat(layout, grad)
         into = feedback.memory.spare(layout, residual)
-    found = kernels.compensate_scan(grad, residual, [n for _, n in layout], floor, scratch or {}, into=into)
+    source = grad if pieces is None else pieces
+    found = kernels.compensate_scan(source, residual, [n for _, n in layout], floor, scratch or {}, into=into)
     if found is None:
         return None
     compensated = grad if into is None else into

@@ -295,3 +295,20 @@ def test_compressors_give_the_same_payload_with_and_without_the_compiled_kernel(
     for name, kw in names.items():
         slow = C.build(name, **kw).compress(x, CompressorState(name))
         assert torch.equal(slow.indices, fast[name].indices) and torch.equal(slow.values, fast[name].values), name
+
+
+def test_exact_count_is_what_topk_sends_and_none_where_the_data_decide():
+    from gradsparse.engine.compressor_states import CompressorStates
+
+    topk = C.build("topk", density=0.01)
+    for numel in (1, 99, 1000, 12345):
+        assert topk.exact_count(numel) == topk.compress(torch.randn(numel)).count
+    assert topk.exact_count(0) == 0
+    for name, params in (("sampled_topk", {"density": 0.01}), ("threshold", {"threshold": 0.1}), ("randomk", {})):
+        assert C.build(name, **params).exact_count(1000) is None
+    layout = (("a", 1000), ("b", 250))
+    assert CompressorStates(topk, "bucket").exact_count(topk, layout, 1250) == 13
+    assert CompressorStates(topk, "layer").exact_count(topk, layout, 1250) == 10 + 3  # per parameter, summed
+    assert (
+        CompressorStates(C.build("sampled_topk"), "bucket").exact_count(C.build("sampled_topk"), layout, 1250) is None
+    )

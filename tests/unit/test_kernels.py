@@ -41,6 +41,51 @@ def test_compensate_scan_matches_torch(dtype, with_residual):
 
 
 @needs_numba
+def test_compensate_scan_reads_segments_where_they_lie():
+    """The segments of a bucket, read in place (with other entries between them), give what
+    the gathered flat gradient gives, and are never written."""
+    sizes = [1000, 0, 37, 5003, 16]
+    bucket = _grad(7000, 5)
+    offsets = [5900, 0, 10, 600, 50]  # another order than the bucket's, with gaps between
+    bucket[50:66] = 0  # the last parameter got no gradient
+    pieces = [bucket[o : o + n] for o, n in zip(offsets, sizes)]
+    flat = torch.cat(pieces)
+    residual = _grad(flat.numel(), 6) * 0.5
+    for floor in (None, 1.25):
+        before = bucket.clone()
+        into = torch.empty_like(flat)
+        found = kernels.compensate_scan(pieces, residual, sizes, floor, {}, into=into)
+        expected = kernels.compensate_scan(flat.clone(), residual, sizes, floor, {}, into=torch.empty_like(flat))
+        assert found is not None and expected is not None
+        assert torch.equal(bucket, before)
+        assert torch.equal(into, flat + residual)
+        assert (
+            (found.finite, found.nonzero)
+            == (expected.finite, expected.nonzero)
+            == (True, (True, False) + (True,) * 2 + (False,))
+        )
+        assert (found.large is None and floor is None) or torch.equal(found.large, expected.large)
+    with pytest.raises(ValueError, match="needs a residual, an `into`"):
+        kernels.compensate_scan(pieces, None, sizes, None, {}, into=torch.empty_like(flat))
+    with pytest.raises(ValueError, match=r"segments of \[1000, 0, 37, 5003, 16\] entries, sizes say"):
+        kernels.compensate_scan(pieces, residual, [1000, 0, 37, 5004, 15], None, {}, into=torch.empty_like(flat))
+
+
+def test_plan_maps_region_positions_to_the_bucket():
+    from gradsparse.engine.plan import BucketPlan
+
+    layout = (("a", 5), ("empty", 0), ("b", 3), ("c", 4))
+    offsets = [10, 2, 0, 3]  # b lies first in the bucket, then c, then (after a bias) a
+    plan = BucketPlan(layout, offsets, None, small=[(7, 3)], key="a|empty|b|c")
+    region = torch.arange(12)
+    expected = torch.cat([torch.arange(o, o + n) for (_, n), o in zip(layout, offsets)])
+    for dtype in (torch.int32, torch.int64):
+        assert torch.equal(plan.in_bucket(region.to(dtype)), expected)
+    bucket = torch.arange(15.0)
+    assert torch.equal(torch.cat(plan.pieces(bucket)), bucket[expected])
+
+
+@needs_numba
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_compensate_scan_finds_nonfinite_entries_anywhere(bad):
     for position in (0, 15, 16, 999, 1022):

@@ -45,9 +45,6 @@ class BucketStep:
     plan: BucketPlan
     decision: Decision
     buffer: torch.Tensor  # the bucket: input gradients, output averages
-    region: torch.Tensor  # its compressed parameters, in canonical order: gradients in, averages out
-    #: what is selected from and sent: the compensated region, or its active coordinates' values
-    values: torch.Tensor
     active: Optional[torch.Tensor]  # indices of the region's unmasked coordinates (None: all)
     payload: SparsePayload  # what this rank sends (sparse routes)
     started: float  # perf_counter() when the bucket arrived
@@ -69,6 +66,31 @@ class BucketStep:
     #: sign route: per compressed parameter, whether it received no gradient (a device bool)
     held: Optional[torch.Tensor] = None
     sent_at: float = 0.0
+    #: the region once gathered (see :attr:`region`), and what :attr:`values` was set to
+    gathered: Optional[torch.Tensor] = None
+    compensated: Optional[torch.Tensor] = None
+    #: compensation read the gradients where they lie in the bucket, without gathering the
+    #: region; the decode writes the averages there too (the sparse route, on CPU)
+    in_bucket: bool = False
+
+    @property
+    def region(self) -> torch.Tensor:
+        """The bucket's compressed parameters in canonical order (gradients in, averages
+        out): a view of the bucket when they lie there contiguously, else gathered into a
+        workspace on first use, which the hook scatters back after the decode."""
+        if self.gathered is None:
+            self.gathered = self.plan.gather(self.buffer)
+        return self.gathered
+
+    @property
+    def values(self) -> torch.Tensor:
+        """What is selected from and sent: the compensated region (by default the region
+        itself, compensated in place), or its active coordinates' values."""
+        return self.region if self.compensated is None else self.compensated
+
+    @values.setter
+    def values(self, values: torch.Tensor) -> None:
+        self.compensated = values
 
 
 class Route:
@@ -127,9 +149,10 @@ class Route:
         """Keep what was not sent, once the sum is known finite; return whether it is."""
         raise NotImplementedError
 
-    def decode(self, state: SparseHookState, step: BucketStep, summed: Any) -> torch.Tensor:
+    def decode(self, state: SparseHookState, step: BucketStep, summed: Any) -> Optional[torch.Tensor]:
         """The averaged sum, laid out as ``step.values``. Decoding into ``step.region``
-        itself (when there are no masks) saves the hook a copy."""
+        itself (when there are no masks) saves the hook a copy; None when it was written
+        into the bucket's compressed parameters directly (``step.in_bucket``)."""
         raise NotImplementedError
 
 
