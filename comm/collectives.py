@@ -296,7 +296,7 @@ def allreduce_ordered(
             torch.add(pieces[0], pieces[1], out=flat).add_(0.0)
             return tensor
 
-        return backend.allgather(flat.contiguous()).then(_sum)
+        return backend.allgather(flat).then(_sum)
     numel, isz = flat.numel(), flat.element_size()
     edges = bounds(numel, p)
     chunk = [(edges[r + 1] - edges[r]) * isz for r in range(p)]

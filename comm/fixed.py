@@ -27,8 +27,8 @@ from .backend import Backend
 from .wire import PeerError
 
 __all__ = [
-    "FAILED", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "check_words", "gather_fixed",
-    "gather_signs",
+    "FAILED", "FATAL", "MISMATCHED", "NONFINITE", "FlagCopy", "Gathered", "broadcast_indices", "check_words",
+    "gather_fixed", "gather_signs",
 ]  # fmt: skip
 
 #: bits of the flag word; MISMATCHED is set by the receiver
@@ -177,21 +177,21 @@ def gather_signs(
     return _gather_parts(backend, [signs, scales], flag, (numel, block * 16 + bits), context).then(as_gathered)
 
 
-def check_words(words: List[int]) -> None:
+#: flag bits that stop every rank, and what they say of the ranks that set them
+FATAL = (
+    (FAILED, "failed before sending their gradient payload; this rank stops too (see the failing rank's log)"),
+    (MISMATCHED, "sent a message for another bucket layout (another tensor size, count or dtype: the ranks' models "
+     "or bucket orders differ)"),
+)  # fmt: skip
+
+
+def check_words(words: List[int], when: str = "") -> None:
     """Raise :class:`PeerError` on every rank when some rank's flag word (of a fixed-size
-    message) says it failed or sent for another tensor."""
-    failed = [r for r, w in enumerate(words) if w & FAILED]
-    if failed:
-        raise PeerError(
-            f"rank(s) {failed} failed before sending their gradient payload; this rank stops too. "
-            "See the failing rank's log for the cause."
-        )
-    mismatched = [r for r, w in enumerate(words) if w & MISMATCHED]
-    if mismatched:
-        raise PeerError(
-            f"rank(s) {mismatched} sent a message for another tensor size, count or dtype "
-            "(the ranks' models or bucket orders differ)"
-        )
+    message) says it failed or sent for another tensor; ``when`` is added to the message."""
+    for bit, what in FATAL:
+        ranks = [r for r, w in enumerate(words) if w & bit]
+        if ranks:
+            raise PeerError(f"rank(s) {ranks} {what}{when}")
 
 
 class FlagCopy:

@@ -38,7 +38,7 @@ import torch
 
 from gradsparse import compressors
 from gradsparse.buffers import reusable
-from gradsparse.comm import AllgatherCollective, Collective, PeerError, SharedTopkCollective, fixed
+from gradsparse.comm import AllgatherCollective, Collective, SharedTopkCollective, fixed
 from gradsparse.error_feedback import fused
 from gradsparse.payload import SparsePayload, index_dtype_for
 
@@ -251,23 +251,15 @@ def _ends(step: BucketStep) -> torch.Tensor:
 
 def act_on_flags(pending: List[fixed.FlagCopy], state: SparseHookState) -> None:
     """Act on every flag copy in ``pending`` that has reached the host: count the non-finite
-    buckets; raise when a rank failed or sent a message for another bucket layout."""
+    buckets; raise when a rank failed or sent a message for another bucket layout (the sums
+    are then NaN on every rank)."""
     while pending and pending[0].ready():
         flags = pending.pop(0)
         words = flags.read()
         state.counters.nonfinite_buckets += int(any(w & fixed.NONFINITE for w in words))
-        for bit, what in _FATAL:
-            ranks = [r for r, w in enumerate(words) if w & bit]
-            if ranks:
-                pending.clear()
-                raise PeerError(f"rank(s) {ranks} {what} at step {flags.step} (sync-free route)")
-
-
-#: flag bits that stop every rank, and what they mean
-_FATAL = (
-    (fixed.FAILED, "failed to compress their gradients (the sums are NaN on every rank)"),
-    (fixed.MISMATCHED, "sent a message for another bucket layout (the ranks' models or bucket orders differ)"),
-)
+        if any(w & bit for w in words for bit, _ in fixed.FATAL):
+            pending.clear()
+            fixed.check_words(words, f" at step {flags.step} (sync-free route)")
 
 
 def stratified_indices(
