@@ -24,15 +24,22 @@ sparse gradients is in :mod:`gradsparse.precondition`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+import logging
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from gradsparse.checks import check_choice, check_nonnegative, check_probability
+from gradsparse.checks import check_choice, check_int, check_nonnegative, check_probability
 from gradsparse.ddp import SparseHookState
 from gradsparse.precondition import AdamPreconditioner
 
-__all__ = ["SparseAdamW"]
+__all__ = ["DENSE_STEPS", "SparseAdamW"]
+
+logger = logging.getLogger(__name__)
+
+#: the fewest steps of SparseAdamW's default warm-up, sent dense (docs/optimizers.md)
+DENSE_STEPS = 50
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -51,14 +58,17 @@ class SparseAdamW(torch.optim.Optimizer):
             normalised gradient before compression, and what is compressed is Adam's
             update direction; ``"global"``: the first moment is taken here, of the
             averaged result (this class's behaviour before 0.x; measured worse).
-        vector_first_moment: with ``first_moment="local"``, whether parameters of fewer
-            than two dimensions (biases, norms) keep a first moment too. Default no: they
-            are updated by their normalised gradient, which measured 1.1% against 7.4% over
-            dense on the quality benchmark with ``sign`` (docs/optimizers.md).
+        vector_first_moment: with ``first_moment="local"``, whether biases and norms keep a
+            first moment too. Default no (measured better, docs/optimizers.md).
         second_moment: ``"averaged"`` (default): with ``first_moment="local"``, each rank
             estimates the averaged gradient's second moment, which AdamW takes, from its own
             moments, without communicating (:mod:`gradsparse.precondition`); ``"local"``:
             each rank's own, noisier by the rank count (the class before; measured worse).
+        dense_steps: Adam's warm-up, where the compressor sends part of the entries (top-k):
+            the hook's first steps go dense, as in 1-bit Adam. None (default): the first
+            :data:`DENSE_STEPS`, then every step while the (first group's) learning rate
+            still rises; an int: that many; 0: none. Without it error feedback holds Adam's
+            first, largest steps back for long (docs/optimizers.md). Saved with the state.
 
     With the hook's DGC momentum correction (``momentum=m``), the first moment is the
     hook's velocity, where momentum factor masking clears it once sent; the optimizer
@@ -78,6 +88,7 @@ class SparseAdamW(torch.optim.Optimizer):
         first_moment: str = "local",
         vector_first_moment: bool = False,
         second_moment: str = "averaged",
+        dense_steps: Optional[int] = None,
     ) -> None:
         check_nonnegative("lr", lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -90,6 +101,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.first_moment = first_moment
         self.vector_first_moment = bool(vector_first_moment)
         self.second_moment = check_choice("second_moment", second_moment, ("averaged", "local"))
+        self.warm_up = _DenseWarmUp(dense_steps)
         #: the first moment is kept by the hook's preconditioner, before compression
         self.local_first_moment = False
         self.hook: Optional[SparseHookState] = None
@@ -115,25 +127,24 @@ class SparseAdamW(torch.optim.Optimizer):
         averaged = self.second_moment == "averaged"
         pre = AdamPreconditioner(beta2, eps, beta1, self.vector_first_moment, averaged_second_moment=averaged)
         hook.precondition(pre)
+        self.warm_up.begin(hook)
         self.hook = hook
 
-    def _shared(self, what: str, read: Callable[[Dict[str, Any]], float]) -> float:
-        """The groups' ``what``, which the hook's one preconditioner applies to all."""
-        found = {float(read(group)) for group in self.param_groups}
-        if len(found) > 1:
-            raise ValueError(
-                f"Expected every parameter group of SparseAdamW to have the same `{what}` (one "
-                f"preconditioner applies it before compression), but got {sorted(found)}."
-            )
-        return found.pop()
-
     def _shared_beta1(self) -> float:
-        return self._shared("betas[0]", lambda group: group["betas"][0])
+        return _shared(self.param_groups, "betas[0]", lambda group: group["betas"][0])
 
     def _preconditioner_settings(self, first_moment: bool) -> Tuple[float, float, float]:
         """(beta1, or 0 without a first moment; beta2; eps), which every group must share."""
         beta1 = self._shared_beta1() if first_moment else 0.0
-        return beta1, self._shared("betas[1]", lambda group: group["betas"][1]), self._shared("eps", lambda g: g["eps"])
+        beta2 = _shared(self.param_groups, "betas[1]", lambda group: group["betas"][1])
+        return beta1, beta2, _shared(self.param_groups, "eps", lambda group: group["eps"])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "dense_warm_up": self.warm_up.last_lr}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.warm_up.last_lr = state_dict.get("dense_warm_up", self.warm_up.last_lr)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "dense_warm_up"})
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -150,6 +161,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 "gradsparse.register_sparse_hook returns) or call attach(state), or train with a "
                 "gradsparse integration, which attaches it"
             )
+        self.warm_up.follow(hook, float(self.param_groups[0]["lr"]))
         if self.local_first_moment:  # for the next gradients, as a momentum schedule set it now
             assert hook.preconditioner is not None
             hook.preconditioner.beta1 = self._shared_beta1()
@@ -178,3 +190,46 @@ class SparseAdamW(torch.optim.Optimizer):
                 exp_avg.mul_(beta1).add_(p.grad, alpha=1.0 - beta1)
                 p.add_(exp_avg, alpha=-lr / (1.0 - beta1 ** float(state["step"])))
         return loss
+
+
+class _DenseWarmUp:
+    """SparseAdamW's warm-up (its ``dense_steps``): the hook's first steps sent dense."""
+
+    def __init__(self, steps: Optional[int]) -> None:
+        self.steps = None if steps is None else check_int("dense_steps", steps)
+        self.last_lr: Optional[float] = None  # set while the warm-up follows a rising learning rate
+
+    def begin(self, hook: SparseHookState) -> None:
+        first = DENSE_STEPS if self.steps is None else self.steps
+        if not first or hook.compressor.sends_every_entry or hook.options.start_step >= first:
+            return
+        following = self.steps is None
+        logger.info(
+            "SparseAdamW: the hook sends the first %d steps dense%s (Adam's warm-up)",
+            first, ", and then while the learning rate rises" if following else "",
+        )  # fmt: skip
+        hook.dense_start(first)
+        self.last_lr = -math.inf if following else None
+
+    def follow(self, hook: SparseHookState, lr: float) -> None:
+        """After a step at ``lr``: the next step is dense too while ``lr`` still rises (the
+        same decision on every rank)."""
+        if self.last_lr is None:
+            return
+        if lr > self.last_lr:
+            self.last_lr = lr
+            hook.dense_start(hook.step + 1)
+        elif hook.step >= hook.options.start_step:
+            self.last_lr = None
+            logger.info("SparseAdamW: warm-up over after %d dense steps", hook.options.start_step)
+
+
+def _shared(groups: List[Dict[str, Any]], what: str, read: Callable[[Dict[str, Any]], float]) -> float:
+    """The groups' ``what``, which the hook's one preconditioner applies to all."""
+    found = {float(read(group)) for group in groups}
+    if len(found) > 1:
+        raise ValueError(
+            f"Expected every parameter group of SparseAdamW to have the same `{what}` (one "
+            f"preconditioner applies it before compression), but got {sorted(found)}."
+        )
+    return found.pop()

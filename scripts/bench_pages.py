@@ -21,6 +21,12 @@ BENCH = ROOT / "docs" / "bench"
 PAGES = ROOT / "docs" / "benchmarks"
 
 
+def _seeds_option(rows: List[Dict[str, Any]]) -> str:
+    """`` --seeds ...`` where the quality rows ran other seeds than the default (0)."""
+    seeds = _joined([r.get("seed", 0) for r in rows])
+    return "" if seeds == "0" else f" --seeds {seeds}"
+
+
 def _joined(values: List[Any]) -> str:
     seen: List[str] = []
     for v in values:
@@ -47,13 +53,13 @@ def command(folder: Path) -> str:
             f"python scripts/profile_step.py --models {_joined([r['model'] for r in rows])} "
             f"--collectives {_joined([r['collective'] for r in rows])} {out}"
         )
-    if rows and "val_loss" in rows[0]:  # gradsparse-bench quality
+    if rows and "val_loss" in rows[0]:  # gradsparse-bench quality (its default seed: 0)
         r = rows[0]
         return (
             f"gradsparse-bench quality --optimizers {_joined([x['optimizer'] for x in rows])} "
             f"--configs {_joined([x['optimizer'] + '/' + x['config'] for x in rows])} "
             f"--steps {r['steps']} --batch {r['batch']} "
-            f"--ranks {r['world']} {out}"
+            f"--ranks {r['world']}{_seeds_option(rows)} {out}"
         )
     sparse = [r for r in rows if r["method"] == "sparse"]
     parts = ["gradsparse-bench run", f"--world-sizes {_joined([r['world'] for r in rows])}"]

@@ -59,6 +59,13 @@ def _names(text: str) -> List[str]:
     return [v for v in text.split(",") if v]
 
 
+def _seeds(text: str) -> List[int]:
+    try:
+        return [int(v) for v in _names(text)]
+    except ValueError:
+        raise ValueError(f"Expected argument `--seeds` to be comma-separated integers, but got {text!r}.") from None
+
+
 def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="sweep configurations and report")
     run.add_argument("--world-sizes", default="4", help="comma-separated numbers of ranks (default 4)")
@@ -122,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--steps", type=int, default=600, help="training steps (the same for every run)")
     qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters per rank and step")
     qual.add_argument("--ranks", type=int, default=2, help="gloo ranks on this machine")
+    qual.add_argument("--seeds", default="0", help="seeds of the model, data order and selection, comma-separated")
     qual.add_argument("--out", default=None, help="write results.jsonl and results.md here")
     _add_converge(sub)
     return parser
@@ -180,7 +188,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return converge(args)
         if args.command == "quality":
             return quality_bench(
-                _names(args.optimizers), _names(args.configs), args.steps, args.batch, args.ranks, args.out
+                _names(args.optimizers),
+                _names(args.configs),
+                args.steps,
+                args.batch,
+                args.ranks,
+                args.out,
+                seeds=_seeds(args.seeds),
             )
         if getattr(args, "delay", None):
             raise ClusterError("this kernel has no netem, so links emulate bandwidth only; drop --delay")

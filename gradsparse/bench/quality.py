@@ -47,6 +47,8 @@ OPTIMIZERS: Dict[str, Tuple[float, float]] = {
     "adamw": _GPT.adamw, "sgd": _GPT.sgd, "sparse_adamw": _GPT.adamw, "sparse_adamw_global": _GPT.adamw,
     "sparse_adamw_rank_v": _GPT.adamw,
 }  # fmt: skip
+#: config options (``+OPTION=VALUE``) that go to SparseAdamW rather than to the hook
+SPARSE_ADAMW_OPTIONS = ("dense_steps",)
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
 
@@ -72,19 +74,30 @@ class QualityRun:
         if len(parts) > 3 or not parts[0] or any("=" not in e for e in extras):
             raise ValueError(
                 "Expected a config 'dense', 'none' or COMPRESSOR[:DENSITY[:COLLECTIVE]][+OPTION=VALUE...] "
-                "(hook or compressor options such as start_step, density_warmup_steps, momentum, block), "
+                "(hook or compressor options such as start_step, density_warmup_steps, momentum, block; "
+                "SparseAdamW's dense_steps), "
                 f"but got {self.config!r}."
             )
         options: Dict[str, Any] = {"compressor": parts[0]}
         if len(parts) > 1 and parts[1]:
             options["density"] = float(parts[1])
         options["collective"] = parts[2] if len(parts) > 2 else None
+        options.update((k, v) for k, v in self._extras(extras).items() if k not in SPARSE_ADAMW_OPTIONS)
+        return options
+
+    def optimizer_options(self) -> Dict[str, Any]:
+        """The config's ``+OPTION=VALUE`` extras that are SparseAdamW's (``dense_steps``)."""
+        extras = self._extras(self.config.split("+")[1:])
+        return {k: v for k, v in extras.items() if k in SPARSE_ADAMW_OPTIONS}
+
+    @staticmethod
+    def _extras(extras: Sequence[str]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
         for extra in extras:
             key, value = extra.split("=", 1)
-            options[key] = (
-                value if not value.replace(".", "", 1).isdigit() else (float(value) if "." in value else int(value))
-            )
-        return options
+            number = value.replace(".", "", 1).isdigit()
+            out[key] = value if not number else (float(value) if "." in value else int(value))
+        return out
 
 
 def _batch(data: torch.Tensor, gen: torch.Generator, n: int, context: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +118,11 @@ def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimize
 
         moment = "global" if run.optimizer == "sparse_adamw_global" else "local"
         second = "local" if run.optimizer == "sparse_adamw_rank_v" else "averaged"
+        before = {} if run.optimizer == "sparse_adamw" else {"dense_steps": 0}  # the classes before had none
         return SparseAdamW(
-            params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state, first_moment=moment, second_moment=second
-        )
+            params, lr=lr, betas=(0.9, 0.99), weight_decay=wd, hook=state, first_moment=moment, second_moment=second,
+            **{**before, **run.optimizer_options()},
+        )  # fmt: skip
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
 
 
@@ -132,8 +147,11 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     lr = OPTIMIZERS[run.optimizer][0]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(1000 * run.seed + rank)
+    warm_bytes = 0.0  # sent in the dense steps (the hook's start_step, which SparseAdamW's warm-up moves)
     started = time.perf_counter()
-    for _ in range(run.steps):
+    for step in range(run.steps):
+        if state is not None and step == state.options.start_step:
+            warm_bytes = state.stats().get("bytes_sent", 0.0)
         x, y = _batch(train, gen, run.batch, model.context)
         loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
@@ -143,30 +161,41 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
         opt.step()
         sched.step()
     seconds = time.perf_counter() - started
-    model.eval()
-    eval_gen = torch.Generator().manual_seed(12345)
-    losses = []
-    with torch.no_grad():
-        for _ in range(run.eval_batches):
-            x, y = _batch(val, eval_gen, 32, model.context)
-            losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
-    digest = hashlib.sha256(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes())
-    digests: List[Any] = [None] * world
-    dist.all_gather_object(digests, digest.hexdigest())
+    val_loss, identical = _evaluate(model, val, run.eval_batches, world)
     if rank == 0:
         stats = state.stats() if state is not None else {}
+        warm = state.options.start_step if state is not None else 0
+        measured = "bytes_sent" in stats and run.steps > warm
         dense_bytes = 2 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters())
         row = {
             **asdict(run),
             "world": world,
-            "val_loss": sum(losses) / len(losses),
+            "val_loss": val_loss,
             "bytes_per_step": stats.get("bytes_sent", dense_bytes * run.steps) / run.steps,
-            "identical": len(set(digests)) == 1,
+            "dense_steps": warm,  # sent dense (the hook's start_step), before the bytes below
+            "bytes_after_warmup": (stats["bytes_sent"] - warm_bytes) / (run.steps - warm) if measured else None,
+            "identical": identical,
             "seconds": seconds,
         }
         (Path(workdir) / "row.json").write_text(json.dumps(row))
     dist.barrier()
     os._exit(0)  # the row is on disk; teardown can deadlock gloo's thread on the GIL (collectives.md)
+
+
+def _evaluate(model: CharGPT, val: torch.Tensor, batches: int, world: int) -> Tuple[float, bool]:
+    """The mean validation loss over fixed held-out batches, and whether every rank's
+    parameters are bit-identical."""
+    model.eval()
+    eval_gen = torch.Generator().manual_seed(12345)
+    losses = []
+    with torch.no_grad():
+        for _ in range(batches):
+            x, y = _batch(val, eval_gen, 32, model.context)
+            losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
+    digest = hashlib.sha256(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes())
+    digests: List[Any] = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    return sum(losses) / len(losses), len(set(digests)) == 1
 
 
 def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
@@ -177,28 +206,52 @@ def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
         return row
 
 
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
 def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """A Markdown table: validation loss against the same optimizer's dense run (AdamW's
-    for the ``sparse_adamw`` optimizers), bytes per step against the dense
-    allreduce's."""
-    dense = {r["optimizer"]: r for r in rows if r["config"] == "dense"}
-    lines = [
-        "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes | replicas |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """A Markdown table, a row per optimizer and config: validation loss (mean +- std over
+    the seeds run) against the same optimizer's dense run (AdamW's for the
+    ``sparse_adamw`` optimizers), bytes per step against the dense allreduce's."""
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in rows:
-        base = dense.get("adamw" if r["optimizer"].startswith("sparse_adamw") else r["optimizer"])
-        rel = f"{100 * (r['val_loss'] / base['val_loss'] - 1):+.1f}%" if base and r is not base else "-"
-        brel = f"{r['bytes_per_step'] / base['bytes_per_step']:.3f}x" if base and r is not base else "-"
+        groups.setdefault((r["optimizer"], r["config"]), []).append(r)
+    dense = {o: g for (o, c), g in groups.items() if c == "dense"}
+    lines = [
+        "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes "
+        "| dense steps, then bytes/step | replicas |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (optimizer, config), group in groups.items():
+        base = dense.get("adamw" if optimizer.startswith("sparse_adamw") else optimizer)
+        loss, spread = _mean_std([r["val_loss"] for r in group])
+        sent = sum(r["bytes_per_step"] for r in group) / len(group)
+        shown = f"{loss:.3f}" + (f" ± {spread:.3f}" if len(group) > 1 else "")
+        rel = brel = "-"
+        if base and base is not group:
+            rel = f"{100 * (loss / _mean_std([r['val_loss'] for r in base])[0] - 1):+.1f}%"
+            brel = f"{sent / base[0]['bytes_per_step']:.3f}x"
+        same = all(r["identical"] for r in group)
+        after = group[0].get("bytes_after_warmup")  # rows measured before it was recorded: unknown
+        warm = f"{group[0]['dense_steps']}, {after / 1e3:.1f} kB" if after is not None else "-"
         lines.append(
-            f"| {r['optimizer']} | {r['config']} | {r['val_loss']:.3f} | {rel} | "
-            f"{r['bytes_per_step'] / 1e3:.1f} kB | {brel} | {'identical' if r['identical'] else 'DIFFER'} |"
+            f"| {optimizer} | {config} | {shown} | {rel} | {sent / 1e3:.1f} kB | {brel} | {warm} | "
+            f"{'identical' if same else 'DIFFER'} |"
         )
     return "\n".join(lines)
 
 
 def quality_bench(
-    optimizers: Sequence[str], configs: Sequence[str], steps: int, batch: int, world: int, out: Optional[str]
+    optimizers: Sequence[str],
+    configs: Sequence[str],
+    steps: int,
+    batch: int,
+    world: int,
+    out: Optional[str],
+    seeds: Sequence[int] = (0,),
 ) -> int:
     for name in optimizers:
         if name not in OPTIMIZERS:
@@ -209,7 +262,7 @@ def quality_bench(
             only, _, config = c.rpartition("/")  # OPTIMIZER/CONFIG: for that optimizer only
             if (only and only != o) or (o.startswith("sparse_adamw") and config == "dense"):
                 continue
-            runs.append(QualityRun(o, config, steps, batch))
+            runs += [QualityRun(o, config, steps, batch, seed=seed) for seed in seeds]
     for run in runs:
         run.hook()  # validate every config before the first run
     text = load_text()
@@ -218,7 +271,7 @@ def quality_bench(
         row = run_quality(run, world, text)
         rows.append(row)
         print(
-            f"{run.optimizer:>12} {run.config:<22} val loss {row['val_loss']:.4f}  "
+            f"{run.optimizer:>12} {run.config:<22} seed {run.seed} val loss {row['val_loss']:.4f}  "
             f"{row['bytes_per_step'] / 1e3:9.1f} kB/step  {row['seconds']:.0f} s",
             flush=True,
         )

@@ -85,6 +85,9 @@ class Compressor(ABC):
     selection_passes: ClassVar[float] = 4.0
     #: the route that must carry this compressor's messages (None: the collective's own)
     route: ClassVar[Optional[str]] = None
+    #: True when every entry is sent at every step (coarsely, maybe): error feedback then
+    #: holds nothing back for long (SparseAdamW's warm-up is for the others)
+    sends_every_entry: ClassVar[bool] = False
 
     def candidate_floor(
         self, state: CompressorState, like: torch.Tensor, values_at: Callable[[torch.Tensor], torch.Tensor]

@@ -19,6 +19,7 @@ class NoCompression(Compressor):
 
     name = "none"
     selection_passes = 1.0
+    sends_every_entry = True
 
     def compress(self, tensor: torch.Tensor, state: Optional[CompressorState] = None) -> SparsePayload:
         flat = self._check_input(tensor)

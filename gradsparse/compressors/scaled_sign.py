@@ -104,6 +104,7 @@ class ScaledSign(Compressor):
     name = "sign"
     #: the route that carries it: packed bits, not (index, value) pairs
     route = "sign"
+    sends_every_entry = True
 
     def __post_init__(self) -> None:
         check_int("block", self.block, minimum=1)

@@ -4,6 +4,7 @@ the hook's stages compute."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, Iterable, Optional, Set, Tuple, Union
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gradsparse import compressors as _compressors
+from gradsparse.checks import check_int
 from gradsparse.comm import Backend, Collective, TorchDistBackend
 from gradsparse.comm import build as build_collective
 from gradsparse.compressors import Compressor
@@ -121,12 +123,15 @@ class SparseHookState:
         from the next bucket on (the optimizer must then expect normalised gradients, as
         :class:`gradsparse.optim.SparseAdamW` does)."""
         if not isinstance(preconditioner, AdamPreconditioner):
-            raise ValueError(
-                f"Expected argument `preconditioner` to be an AdamPreconditioner, but got {preconditioner!r}."
-            )
+            raise ValueError(f"Expected argument `preconditioner` to be an AdamPreconditioner, got {preconditioner!r}.")
         self.preconditioner = preconditioner
         self.planner.name_all = True
         self.planner.plans.clear()
+
+    def dense_start(self, steps: int) -> None:
+        """Send every bucket dense before step ``steps`` at least (SparseAdamW's warm-up)."""
+        start = max(check_int("steps", steps), self.options.start_step)
+        self.options = self.policy.options = dataclasses.replace(self.options, start_step=start)
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the
@@ -159,11 +164,7 @@ class SparseHookState:
     # Pickling (as PowerSGDState): drop the process group and backend --------------------
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
-        state["process_group"] = state["_backend"] = None
-        state["compiled_seen"] = set()
-        state["_bound"] = None
-        return state
+        return dict(self.__dict__, process_group=None, _backend=None, compiled_seen=set(), _bound=None)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)

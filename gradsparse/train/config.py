@@ -93,7 +93,7 @@ class TrainConfig:
     seeds: Tuple[int, ...] = (0,)
     model: str = "cnn"
     collective: str = "allgather"
-    dense_steps: int = 0
+    dense_steps: Optional[int] = None  # None: 0, or SparseAdamW's own warm-up
     mask_sparsity: float = 0.0
     mask_criterion: str = "magnitude"
     epochs: int = 20

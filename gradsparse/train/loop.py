@@ -54,7 +54,10 @@ def _optimizer(config: TrainConfig, task: Task, params: Any, state: Optional[Spa
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     if config.optimizer == "sparse_adamw" and state is not None:
-        return SparseAdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=decay, hook=state)
+        # --dense-steps unset: SparseAdamW's own warm-up (at least 50 steps, and the schedule's)
+        return SparseAdamW(
+            params, lr=lr, betas=(0.9, 0.99), weight_decay=decay, hook=state, dense_steps=config.dense_steps
+        )
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=decay)
 
 
@@ -83,7 +86,7 @@ def _build(config: TrainConfig, task: Task, run: RunConfig, seed: int, n_train: 
             compressors.build(run.compressor, **run.params),
             error_feedback=run.error_feedback,
             collective=run.collective or config.collective,
-            start_step=config.dense_steps,
+            start_step=config.dense_steps or 0,
             masker=masker,
         )
     elif run.baseline is not None:

@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from gradsparse import compressors
 from gradsparse.comm import available as available_collectives
 from gradsparse.masking import CRITERIA
+from gradsparse.optim import DENSE_STEPS
 from gradsparse.train.tasks import OPTIMIZER_NAMES, TASKS, get_task
 
 from . import checkpoint
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-error-feedback", action="store_true", help="turn error feedback off in a single run")
     p.add_argument("--compare", default=None, help='configurations to compare, e.g. "dense,topk:0.01,topk:0.01+noef"')
     p.add_argument("--collective", default="allgather", choices=available_collectives(), help="sparse collective")
-    p.add_argument("--dense-steps", type=int, default=0, help="steps sent dense before compression starts")
+    warm_up = f"with sparse_adamw and top-k, its warm-up: the first {DENSE_STEPS}, and on while the lr rises"
+    p.add_argument("--dense-steps", type=int, default=None, help=f"steps sent dense first (default 0; {warm_up})")
     p.add_argument("--mask-sparsity", type=float, default=0.0, help="prune weights to this sparsity (gradual)")
     p.add_argument("--mask-criterion", default="magnitude", choices=list(CRITERIA), help="pruning and regrowth rule")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
@@ -126,7 +128,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("max_steps", "eval_every"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
-    if args.dense_steps < 0:
+    if args.dense_steps is not None and args.dense_steps < 0:
         raise UsageError(f"--dense-steps must be at least 0, got {args.dense_steps}")
 
 

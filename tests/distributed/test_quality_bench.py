@@ -19,17 +19,22 @@ def text() -> str:
 
 def test_quality_runs_dense_and_sparse_and_compares_them(text):
     rows = [
-        run_quality(QualityRun("adamw", "dense", steps=6, batch=4, eval_batches=2), 2, text),
-        run_quality(QualityRun("sparse_adamw", "topk:0.01", steps=6, batch=4, eval_batches=2), 2, text),
+        run_quality(QualityRun("adamw", "dense", 6, 4, eval_batches=2), 2, text),
+        run_quality(QualityRun("sparse_adamw", "topk:0.01+dense_steps=2", 6, 4, eval_batches=2), 2, text),
     ]
     for row in rows:
         assert row["identical"] and math.isfinite(row["val_loss"])
     dense, sparse = rows
-    assert sparse["bytes_per_step"] < 0.1 * dense["bytes_per_step"]
-    table = quality_table(rows)
-    assert "| sparse_adamw | topk:0.01 |" in table and "identical" in table
+    assert sparse["dense_steps"] == 2  # SparseAdamW's warm-up, sent dense, then top-k
+    assert sparse["bytes_after_warmup"] < 0.1 * dense["bytes_per_step"] < sparse["bytes_per_step"]
+    other_seed = {**sparse, "seed": 1, "val_loss": sparse["val_loss"] + 0.1}  # the table's grouping of seeds
+    table = quality_table([*rows, other_seed])
+    mean = sparse["val_loss"] + 0.05
+    assert f"| sparse_adamw | topk:0.01+dense_steps=2 | {mean:.3f} ± " in table and "identical" in table
+    assert f"| 2, {sparse['bytes_after_warmup'] / 1e3:.1f} kB |" in table
     with pytest.raises(ValueError, match=r"COMPRESSOR\[:DENSITY"):
         QualityRun("adamw", "topk:0.1:allgather:x", steps=1, batch=1).hook()
+    assert QualityRun("sparse_adamw", "topk+dense_steps=3", steps=1, batch=1).optimizer_options() == {"dense_steps": 3}
     assert QualityRun("sparse_adamw", "sign+block=256", steps=1, batch=1).hook() == {
         "compressor": "sign",
         "collective": None,

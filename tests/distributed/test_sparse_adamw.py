@@ -23,7 +23,13 @@ LR, BETAS, EPS, WD = 0.01, (0.9, 0.99), 1e-8, 0.1
 
 
 def _train(
-    rank: int, world: int, compressor: str, density: float, steps: int, first_moment: str = "local"
+    rank: int,
+    world: int,
+    compressor: str,
+    density: float,
+    steps: int,
+    first_moment: str = "local",
+    dense_steps: int = 0,
 ) -> Dict[str, Any]:
     model = make_model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -32,10 +38,12 @@ def _train(
         options["block"] = 64  # both compressed parameters (1280, 4096 entries) are whole blocks
     state = gs.register_sparse_hook(ddp, compressor, scope="layer", min_compress_numel=1000, **options)
     opt = gs.optim.SparseAdamW(
-        ddp.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, hook=state, first_moment=first_moment
-    )
+        ddp.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, hook=state, first_moment=first_moment,
+        dense_steps=dense_steps,
+    )  # fmt: skip
     local_grads: List[Dict[str, torch.Tensor]] = []
     first: Dict[str, Any] = {}
+    held: List[float] = []  # what error feedback held after each step
     for step in range(steps):
         local = make_model()
         local.load_state_dict(model.state_dict())
@@ -47,6 +55,9 @@ def _train(
             first["averaged"] = {n: p.grad.clone() for n, p in model.named_parameters()}
             first["residual"] = {n: state.feedback.residual(n).clone() for n in state.feedback.names()}
         opt.step()
+        held.append(sum(float(state.feedback.residual(n).abs().sum()) for n in state.feedback.names()))
+        if step + 1 == dense_steps:
+            first["warmed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)
     restored = gs.SparseHookState(gs.compressors.build(compressor, **options))
@@ -64,6 +75,7 @@ def _train(
         "init": {n: p.detach().clone() for n, p in make_model().named_parameters()},
         "local": local_grads,
         "restored_same": same,
+        "held": held,
         **first,
     }
 
@@ -113,6 +125,19 @@ def test_sparse_adamw_with_everything_sent_is_the_algorithm_written_out(first_mo
     expected = _reference(results, steps, first_moment)
     for name, value in expected.items():
         assert_close(results[0]["named"][name].double(), value, rtol=1e-5, atol=1e-6)
+    assert all(r["restored_same"] for r in results)
+
+
+def test_sparse_adamw_warms_up_with_everything_sent_then_selects_top_k():
+    """The warm-up's steps are SparseAdamW with everything sent (the algorithm written out),
+    and nothing is held back; the first step after it selects, and error feedback keeps
+    the rest."""
+    results = run_distributed(_train, 2, "topk", 0.1, 4, "local", 3)
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    for name, value in _reference(results, 3, "local").items():
+        assert_close(results[0]["warmed"][name].double(), value, rtol=1e-5, atol=1e-6)
+    for r in results:
+        assert r["held"][:3] == [0.0, 0.0, 0.0] and r["held"][3] > 0
     assert all(r["restored_same"] for r in results)
 
 

@@ -81,6 +81,23 @@ def test_transformers_trainer_in_one_line_with_find_unused_parameters(collective
     assert result["idle_residual"] == 0.0  # the parameter no forward uses never gets a residual
 
 
+def test_transformers_trainer_warm_up_of_sparse_adamw_with_top_k_follows_its_schedule(tmp_path):
+    """The Trainer's linear warm-up raises the learning rate over steps 0-56: SparseAdamW
+    has the hook send those dense (and the first 50 at least), then top-k."""
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install 'gradsparse[transformers]'")
+    out = tmp_path / "result.json"
+    _run(
+        _torchrun(
+            HERE / "transformers_script.py", str(out), str(tmp_path / "trainer"), "allgather", "sparse_adamw_topk"
+        )
+    )
+    result = json.loads(out.read_text())
+    assert result["optimizer"] == "SparseAdamW" and result["steps"] == 64
+    assert result["start_step"] == 58  # the peak (step 56) is the last step whose learning rate rose
+    assert result["held"] > 0 and result["idle_residual"] == 0.0  # top-k after the warm-up
+    assert result["dense_bytes"] / 64 * 58 < result["bytes_sent"] < result["dense_bytes"]
+
+
 def test_transformers_helper_refuses_gradient_clipping_with_sparse_adamw(tmp_path):
     transformers = pytest.importorskip("transformers", reason="pip install 'gradsparse[transformers]'")
     from gradsparse.integrations.transformers import sparse_gradients

@@ -1,7 +1,9 @@
 """A Hugging Face Trainer run on 2 CPU ranks (under torchrun) with one line of gradsparse,
 ddp_find_unused_parameters on and a parameter no forward uses. Rank 0 writes argv[1]; argv[3],
 if given, is the collective; argv[4], if given, the optimizer: adamw (top-k; the Trainer's
-AdamW) or sparse_adamw (sign; the Trainer builds SparseAdamW, in the same line)."""
+AdamW), sparse_adamw (sign; the Trainer builds SparseAdamW, in the same line) or
+sparse_adamw_topk (top-k, SparseAdamW, 64 steps of which the learning rate warms up over 56:
+SparseAdamW's warm-up follows the Trainer's schedule)."""
 
 import json
 import sys
@@ -15,6 +17,7 @@ from gradsparse.integrations.transformers import sparse_gradients
 from tests.integrations.shutdown import shut_down
 
 OPTIMIZER = sys.argv[4] if len(sys.argv) > 4 else "adamw"
+TOPK_WARM_UP = OPTIMIZER == "sparse_adamw_topk"
 
 
 class Tiny(nn.Module):
@@ -47,7 +50,8 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=sys.argv[2],
         per_device_train_batch_size=8,
-        max_steps=8,
+        max_steps=64 if TOPK_WARM_UP else 8,
+        warmup_steps=56 if TOPK_WARM_UP else 0,
         logging_steps=2,
         learning_rate=0.05 if OPTIMIZER == "adamw" else 0.01,
         weight_decay=0.1,
@@ -66,6 +70,8 @@ def main() -> None:
     collective = sys.argv[3] if len(sys.argv) > 3 else "allgather"
     if OPTIMIZER == "sparse_adamw":
         sparse = sparse_gradients(trainer, "sign", min_compress_numel=0, sparse_adamw=True)
+    elif TOPK_WARM_UP:
+        sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0, sparse_adamw=True)
     else:
         sparse = sparse_gradients(trainer, "topk", density=0.05, min_compress_numel=0, collective=collective)
     trainer.train()
@@ -81,6 +87,8 @@ def main() -> None:
         idle = sum(float(feedback.residual(n).abs().sum()) for n in feedback.names() if n.startswith("unused."))
         names = sorted(n for n in feedback.names() if not n.startswith("unused."))
         result = {**stats, "history": len(history), "seen": len(seen), "names": names, "idle_residual": idle}
+        held = sum(float(feedback.residual(n).abs().sum()) for n in feedback.names())
+        result.update(start_step=sparse.state.options.start_step, held=held)
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
         result["optimizer"] = type(optimizer).__name__
         if OPTIMIZER == "sparse_adamw":  # built by the Trainer from its arguments, attached at train begin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -21,6 +23,8 @@ def test_sparse_adamw_refuses_what_it_cannot_use():
         gs.optim.SparseAdamW(params, lr=-1.0, hook=state)
     with pytest.raises(ValueError, match=r"`second_moment`.*'averaged', 'local'.*'global'"):
         gs.optim.SparseAdamW(params, hook=state, second_moment="global")
+    with pytest.raises(ValueError, match=r"`dense_steps` to be an int >= 0, but got -1"):
+        gs.optim.SparseAdamW(params, hook=state, dense_steps=-1)
     with pytest.raises(ValueError, match="`eps`"):
         AdamPreconditioner(0.999, 0.0)
     assert state.preconditioner is None  # nothing installed by a refused optimizer
@@ -115,6 +119,69 @@ def test_integrations_warn_about_an_adaptive_optimizer_without_the_preconditione
     assert on_model.state is not None
     gs.optim.SparseAdamW(params, hook=on_model.state)
     assert not on_model.check_optimizers([torch.optim.AdamW(params)])  # SparseAdamW: its docs say it
+
+
+def _steps(opt: gs.optim.SparseAdamW, hook: gs.SparseHookState, lrs: list, first: int = 0) -> list:
+    """Optimizer steps at these learning rates, from step ``first``, after the hook counted
+    each step (as the hook does in backward, before the optimizer steps); whether the hook
+    sent each step dense."""
+    dense = []
+    for t, lr in enumerate(lrs, start=first):
+        dense.append(t < hook.options.start_step)  # the hook's decision for step t
+        for group in opt.param_groups:
+            group["lr"] = lr
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        hook.step = t + 1
+        opt.step()
+    return dense
+
+
+def test_sparse_adamw_warms_up_dense_where_the_compressor_sends_part_of_the_entries(caplog):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    rising = gs.SparseHookState("topk")
+    with caplog.at_level("INFO", logger="gradsparse.optim"):
+        opt = gs.optim.SparseAdamW(params, hook=rising)
+        assert rising.options.start_step == rising.policy.options.start_step == gs.optim.DENSE_STEPS == 50
+        assert "sends the first 50 steps dense, and then while the learning rate rises" in caplog.text  # announced
+        _steps(opt, rising, [min(t + 1, 160 - t) * 1e-3 for t in range(100)])  # rises over steps 0-79
+    assert rising.options.start_step == rising.policy.options.start_step == 81  # the warm-up, and its peak
+    assert "warm-up over after 81 dense steps" in caplog.text
+    constant = gs.SparseHookState("topk")
+    _steps(gs.optim.SparseAdamW(params, hook=constant), constant, [1e-3] * 100)
+    assert constant.options.start_step == 50  # no schedule's warm-up: the fewest
+    fixed = gs.SparseHookState("topk")
+    _steps(gs.optim.SparseAdamW(params, hook=fixed, dense_steps=20), fixed, [t * 1e-3 for t in range(100)])
+    assert fixed.options.start_step == 20  # that many, whatever the learning rate does
+    later = gs.SparseHookState("sampled_topk", start_step=500)
+    gs.optim.SparseAdamW(params, hook=later, dense_steps=20)
+    assert later.options.start_step == 500  # the hook's own, later start stays
+    off = gs.SparseHookState("topk")
+    _steps(gs.optim.SparseAdamW(params, hook=off, dense_steps=0), off, [t * 1e-3 for t in range(10)])
+    assert off.options.start_step == 0
+    for every_entry in ("sign", "quantize", "none"):  # nothing is held back for long: no warm-up
+        state = gs.SparseHookState(every_entry)
+        _steps(gs.optim.SparseAdamW(params, hook=state), state, [t * 1e-3 for t in range(10)])
+        assert state.options.start_step == 0
+
+
+def test_the_warm_up_resumed_from_a_checkpoint_goes_on_as_it_would_have():
+    lrs = [min(t + 1, 160 - t) * 1e-3 for t in range(120)]  # the learning rate rises over steps 0-79
+    straight = gs.SparseHookState("topk")
+    expected = _steps(gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=straight), straight, lrs)
+    assert expected == [True] * 81 + [False] * 39
+    for cut in (30, 65, 100):  # in the fewest dense steps, in the schedule's warm-up, after it
+        first = gs.SparseHookState("topk")
+        opt = gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=first)
+        before = _steps(opt, first, lrs[:cut])
+        saved = io.BytesIO()
+        torch.save({"hook": first.state_dict(), "opt": opt.state_dict()}, saved)
+        loaded = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+        again = gs.SparseHookState("topk")
+        resumed = gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=again)
+        again.load_state_dict(loaded["hook"])
+        resumed.load_state_dict(loaded["opt"])
+        assert before + _steps(resumed, again, lrs[cut:], first=cut) == expected, cut
 
 
 def test_sparse_adamw_built_without_its_hook_is_attached_once_before_stepping():
