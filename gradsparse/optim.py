@@ -201,14 +201,14 @@ class _DenseWarmUp:
 
     def begin(self, hook: SparseHookState) -> None:
         first = DENSE_STEPS if self.steps is None else self.steps
-        if not first or hook.compressor.sends_every_entry or hook.options.start_step >= first:
+        if not first or hook.compressor.sends_every_entry:
             return
         following = self.steps is None
+        hook.dense_start(first)  # a later start_step of the hook's own stays, and is followed on from
         logger.info(
             "SparseAdamW: the hook sends the first %d steps dense%s (Adam's warm-up)",
-            first, ", and then while the learning rate rises" if following else "",
+            hook.options.start_step, ", and then while the learning rate rises" if following else "",
         )  # fmt: skip
-        hook.dense_start(first)
         self.last_lr = -math.inf if following else None
 
     def follow(self, hook: SparseHookState, lr: float) -> None:

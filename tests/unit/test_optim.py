@@ -156,6 +156,9 @@ def test_sparse_adamw_warms_up_dense_where_the_compressor_sends_part_of_the_entr
     later = gs.SparseHookState("sampled_topk", start_step=500)
     gs.optim.SparseAdamW(params, hook=later, dense_steps=20)
     assert later.options.start_step == 500  # the hook's own, later start stays
+    own = gs.SparseHookState("topk", start_step=60)  # the hook's own start, and a longer schedule
+    _steps(gs.optim.SparseAdamW(params, hook=own), own, [min(t + 1, 200 - t) * 1e-3 for t in range(120)])
+    assert own.options.start_step == 101  # followed on from the hook's own start
     off = gs.SparseHookState("topk")
     _steps(gs.optim.SparseAdamW(params, hook=off, dense_steps=0), off, [t * 1e-3 for t in range(10)])
     assert off.options.start_step == 0
