@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["Plot", "markdown_table", "plot_lines", "write_csv"]
+__all__ = ["Plot", "markdown_table", "mean_std", "plot_lines", "write_csv"]
 
 logger = logging.getLogger(__name__)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value) of seeds' results."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import shlex
 import socket
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from gradsparse.comm import ring_allreduce_bytes
-from gradsparse.report import Plot, markdown_table, plot_lines
+from gradsparse.report import Plot, markdown_table, mean_std, plot_lines
 from gradsparse.train.config import parse_config
 from gradsparse.train.results import METRIC_LABELS
 from gradsparse.train.tasks import get_task
@@ -182,8 +181,7 @@ def converge_table(rows: Sequence[Dict[str, Any]], metric: str, tolerance: float
     lines = []
     for label in labels:
         finals = _finals(rows, label, metric)
-        mean = sum(finals) / len(finals)
-        std = math.sqrt(sum((v - mean) ** 2 for v in finals) / max(len(finals) - 1, 1))
+        mean, std = mean_std(finals)
         last = curves[label][-1]
         cells = [label, f"{scale * mean:.3f} ± {scale * std:.3f}", f"{last['seconds'] / last['step']:.3f}"]
         cells.append(f"{last['mb_sent'] / last['step']:.3f}")

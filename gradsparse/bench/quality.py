@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from gradsparse.report import mean_std
 from gradsparse.train.tasks import TASKS
 from gradsparse.train.text import CharGPT, encode_text, load_text
 
@@ -206,12 +207,6 @@ def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
         return row
 
 
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
-
-
 def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     """A Markdown table, a row per optimizer and config: validation loss (mean +- std over
     the seeds run) against the same optimizer's dense run (AdamW's for the
@@ -227,12 +222,12 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     ]
     for (optimizer, config), group in groups.items():
         base = dense.get("adamw" if optimizer.startswith("sparse_adamw") else optimizer)
-        loss, spread = _mean_std([r["val_loss"] for r in group])
+        loss, spread = mean_std([r["val_loss"] for r in group])
         sent = sum(r["bytes_per_step"] for r in group) / len(group)
         shown = f"{loss:.3f}" + (f" ± {spread:.3f}" if len(group) > 1 else "")
         rel = brel = "-"
         if base and base is not group:
-            rel = f"{100 * (loss / _mean_std([r['val_loss'] for r in base])[0] - 1):+.1f}%"
+            rel = f"{100 * (loss / mean_std([r['val_loss'] for r in base])[0] - 1):+.1f}%"
             brel = f"{sent / base[0]['bytes_per_step']:.3f}x"
         same = all(r["identical"] for r in group)
         after = group[0].get("bytes_after_warmup")  # rows measured before it was recorded: unknown

@@ -130,8 +130,8 @@ class SparseHookState:
 
     def dense_start(self, steps: int) -> None:
         """Send every bucket dense before step ``steps`` at least (SparseAdamW's warm-up)."""
-        start = max(check_int("steps", steps), self.options.start_step)
-        self.options = self.policy.options = dataclasses.replace(self.options, start_step=start)
+        if check_int("steps", steps) > self.options.start_step:  # one new options object per warm-up step at most
+            self.options = self.policy.options = dataclasses.replace(self.options, start_step=steps)
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the

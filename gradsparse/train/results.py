@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from gradsparse.report import Plot, markdown_table, plot_lines, write_csv
+from gradsparse.report import Plot, markdown_table, mean_std, plot_lines, write_csv
 
 __all__ = ["METRIC_LABELS", "summarise", "summary_table", "write_outputs"]
 
@@ -23,8 +22,7 @@ def summarise(rows: Sequence[Dict[str, Any]], metric: str = "test_accuracy") -> 
         last = max(r["step"] for r in mine)
         final = [r for r in mine if r["step"] == last]
         values = [r[metric] for r in final]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((a - mean) ** 2 for a in values) / max(len(values) - 1, 1))
+        mean, std = mean_std(values)
         summary = {"config": label, "seeds": len(final), metric: mean, "metric_std": std}
         for key in ("loss", "mb_sent", "compression_ratio", "density", "seconds"):
             summary[key] = sum(r[key] for r in final) / len(final)
