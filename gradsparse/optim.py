@@ -34,12 +34,15 @@ from gradsparse.checks import check_choice, check_int, check_nonnegative, check_
 from gradsparse.ddp import SparseHookState
 from gradsparse.precondition import AdamPreconditioner
 
-__all__ = ["DENSE_STEPS", "SparseAdamW"]
+__all__ = ["DENSE_STEPS", "RAMP_BELOW", "SparseAdamW"]
 
 logger = logging.getLogger(__name__)
 
 #: the fewest steps of SparseAdamW's default warm-up, sent dense (docs/optimizers.md)
 DENSE_STEPS = 50
+#: below this density the warm-up's dense steps are followed by DGC's density ramp, over
+#: twice as many steps (measured at 0.1% and 1%: docs/optimizers.md)
+RAMP_BELOW = 0.01
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -67,7 +70,8 @@ class SparseAdamW(torch.optim.Optimizer):
         dense_steps: Adam's warm-up, where the compressor sends part of the entries (top-k):
             the hook's first steps go dense, as in 1-bit Adam. None (default): the first
             :data:`DENSE_STEPS`, then every step while the (first group's) learning rate
-            still rises; an int: that many; 0: none. Without it error feedback holds Adam's
+            still rises; an int: that many; 0: none. Below :data:`RAMP_BELOW` DGC's density
+            ramp follows, over twice as many steps. Without it error feedback holds Adam's
             first, largest steps back for long (docs/optimizers.md). Saved with the state.
 
     With the hook's DGC momentum correction (``momentum=m``), the first moment is the
@@ -210,6 +214,8 @@ class _DenseWarmUp:
             hook.options.start_step, ", and then while the learning rate rises" if following else "",
         )  # fmt: skip
         self.last_lr = -math.inf if following else None
+        if not following:
+            self._ramp(hook)
 
     def follow(self, hook: SparseHookState, lr: float) -> None:
         """After a step at ``lr``: the next step is dense too while ``lr`` still rises (the
@@ -222,6 +228,19 @@ class _DenseWarmUp:
         elif hook.step >= hook.options.start_step:
             self.last_lr = None
             logger.info("SparseAdamW: warm-up over after %d dense steps", hook.options.start_step)
+            self._ramp(hook)
+
+    @staticmethod
+    def _ramp(hook: SparseHookState) -> None:
+        """Below :data:`RAMP_BELOW`, the density ramp over twice the dense steps."""
+        density = getattr(hook.compressor, "density", None)
+        if not hook.compressor.density_based or density is None or density >= RAMP_BELOW:
+            return
+        hook.dense_start(hook.options.start_step, 2 * hook.options.start_step)
+        logger.info(
+            "SparseAdamW: then the density falls from %g to %g over %d steps",
+            max(hook.options.warmup_initial_density, density), density, hook.options.density_warmup_steps,
+        )  # fmt: skip
 
 
 def _shared(groups: List[Dict[str, Any]], what: str, read: Callable[[Dict[str, Any]], float]) -> float:

@@ -148,10 +148,10 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     lr = OPTIMIZERS[run.optimizer][0]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(1000 * run.seed + rank)
-    warm_bytes = 0.0  # sent in the dense steps (the hook's start_step, which SparseAdamW's warm-up moves)
+    warm_bytes = 0.0  # sent in the warm-up: the dense steps (the hook's start_step) and the density ramp
     started = time.perf_counter()
     for step in range(run.steps):
-        if state is not None and step == state.options.start_step:
+        if state is not None and step == state.options.start_step + state.options.density_warmup_steps:
             warm_bytes = state.stats().get("bytes_sent", 0.0)
         x, y = _batch(train, gen, run.batch, model.context)
         loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
@@ -166,7 +166,8 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     if rank == 0:
         stats = state.stats() if state is not None else {}
         warm = state.options.start_step if state is not None else 0
-        measured = "bytes_sent" in stats and run.steps > warm
+        ramp = state.options.density_warmup_steps if state is not None else 0
+        measured = "bytes_sent" in stats and run.steps > warm + ramp
         dense_bytes = 2 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters())
         row = {
             **asdict(run),
@@ -174,7 +175,8 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
             "val_loss": val_loss,
             "bytes_per_step": stats.get("bytes_sent", dense_bytes * run.steps) / run.steps,
             "dense_steps": warm,  # sent dense (the hook's start_step), before the bytes below
-            "bytes_after_warmup": (stats["bytes_sent"] - warm_bytes) / (run.steps - warm) if measured else None,
+            "ramp_steps": ramp,  # then the density ramp (density_warmup_steps)
+            "bytes_after_warmup": (stats["bytes_sent"] - warm_bytes) / (run.steps - warm - ramp) if measured else None,
             "identical": identical,
             "seconds": seconds,
         }
@@ -217,7 +219,7 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     dense = {o: g for (o, c), g in groups.items() if c == "dense"}
     lines = [
         "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes "
-        "| dense steps, then bytes/step | replicas |",
+        "| warm-up: dense steps (+ ramp), then bytes/step | replicas |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (optimizer, config), group in groups.items():
@@ -231,7 +233,8 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
             brel = f"{sent / base[0]['bytes_per_step']:.3f}x"
         same = all(r["identical"] for r in group)
         after = group[0].get("bytes_after_warmup")  # rows measured before it was recorded: unknown
-        warm = f"{group[0]['dense_steps']}, {after / 1e3:.1f} kB" if after is not None else "-"
+        ramp = f" + {group[0]['ramp_steps']}" if group[0].get("ramp_steps") else ""
+        warm = f"{group[0]['dense_steps']}{ramp}, {after / 1e3:.1f} kB" if after is not None else "-"
         lines.append(
             f"| {optimizer} | {config} | {shown} | {rel} | {sent / 1e3:.1f} kB | {brel} | {warm} | "
             f"{'identical' if same else 'DIFFER'} |"

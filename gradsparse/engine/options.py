@@ -69,6 +69,19 @@ class HookOptions:
     def names(cls) -> Set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
+    def warmed_up(self, start_step: int, ramp: int, compressor: Compressor) -> HookOptions:
+        """These options with the dense steps (``start_step``) and the density ramp
+        (``density_warmup_steps``, for a density-based ``compressor``) raised to at least
+        these (SparseAdamW's warm-up); the same object where neither moves, so a warm-up
+        step builds one at most."""
+        start = max(check_int("start_step", start_step), self.start_step)
+        ramp = max(check_int("density_warmup_steps", ramp), self.density_warmup_steps)
+        if (start, ramp) == (self.start_step, self.density_warmup_steps):
+            return self
+        options = dataclasses.replace(self, start_step=start, density_warmup_steps=ramp)
+        options.check_against(compressor, None)
+        return options
+
     def check_against(self, compressor: Compressor, masker: Optional[WeightMasker]) -> None:
         """Refuse combinations of these options with a compressor and a masker that cannot work."""
         if self.density_warmup_steps and not compressor.density_based:

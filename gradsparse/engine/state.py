@@ -4,7 +4,6 @@ the hook's stages compute."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Dict, Iterable, Optional, Set, Tuple, Union
 
@@ -12,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from gradsparse import compressors as _compressors
-from gradsparse.checks import check_int
 from gradsparse.comm import Backend, Collective, TorchDistBackend
 from gradsparse.comm import build as build_collective
 from gradsparse.compressors import Compressor
@@ -128,10 +126,10 @@ class SparseHookState:
         self.planner.name_all = True
         self.planner.plans.clear()
 
-    def dense_start(self, steps: int) -> None:
-        """Send every bucket dense before step ``steps`` at least (SparseAdamW's warm-up)."""
-        if check_int("steps", steps) > self.options.start_step:  # one new options object per warm-up step at most
-            self.options = self.policy.options = dataclasses.replace(self.options, start_step=steps)
+    def dense_start(self, steps: int, ramp: int = 0) -> None:
+        """SparseAdamW's warm-up: every bucket dense before step ``steps`` at least, then the
+        density ramp (``density_warmup_steps``) over ``ramp`` steps at least."""
+        self.options = self.policy.options = self.options.warmed_up(steps, ramp, self.compressor)
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the

@@ -187,6 +187,41 @@ def test_the_warm_up_resumed_from_a_checkpoint_goes_on_as_it_would_have():
         assert before + _steps(resumed, again, lrs[cut:], first=cut) == expected, cut
 
 
+def test_below_one_percent_the_warm_up_goes_on_with_a_density_ramp_that_is_saved(caplog):
+    lrs = [min(t + 1, 160 - t) * 1e-3 for t in range(120)]  # dense steps 0-80, as above
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    at_1 = gs.SparseHookState(gs.compressors.build("topk", density=0.01))
+    _steps(gs.optim.SparseAdamW(params, hook=at_1), at_1, lrs)
+    assert at_1.options.density_warmup_steps == 0  # 1%: no ramp (measured not needed)
+    low = gs.SparseHookState(gs.compressors.build("topk", density=0.001))
+    with caplog.at_level("INFO", logger="gradsparse.optim"):
+        _steps(gs.optim.SparseAdamW(params, hook=low), low, lrs)
+    assert (low.options.start_step, low.options.density_warmup_steps) == (81, 162)
+    assert low.policy.options.density_warmup_steps == 162
+    assert "then the density falls from 0.25 to 0.001 over 162 steps" in caplog.text
+    ramp = [float(low.policy.compressor_at(t).density) for t in (81, 162, 243, 300)]
+    assert ramp[0] == 0.25 and ramp[0] > ramp[1] > ramp[2] == ramp[3] == 0.001
+    fixed = gs.SparseHookState(gs.compressors.build("randomk", density=0.005))
+    gs.optim.SparseAdamW(params, hook=fixed, dense_steps=20)
+    assert (fixed.options.start_step, fixed.options.density_warmup_steps) == (20, 40)
+    own = gs.SparseHookState(gs.compressors.build("topk", density=0.001), density_warmup_steps=500)
+    _steps(gs.optim.SparseAdamW(params, hook=own), own, lrs)
+    assert own.options.density_warmup_steps == 500  # the hook's own, longer ramp stays
+    for everything in (
+        gs.SparseHookState("threshold"),
+        gs.SparseHookState(gs.compressors.build("topk", density=0.001)),
+    ):
+        gs.optim.SparseAdamW(params, hook=everything, dense_steps=0)
+        assert everything.options.density_warmup_steps == 0  # no density budget; no warm-up asked for
+    saved = io.BytesIO()
+    torch.save(low.state_dict(), saved)
+    again = gs.SparseHookState(gs.compressors.build("topk", density=0.001))
+    again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    assert (again.options.start_step, again.policy.options.density_warmup_steps) == (81, 162)
+    with pytest.raises(ValueError, match="`density_warmup_steps` needs a density-based compressor"):
+        gs.SparseHookState("threshold").dense_start(10, 20)
+
+
 def test_sparse_adamw_built_without_its_hook_is_attached_once_before_stepping():
     params = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3))]
     opt = gs.optim.SparseAdamW(params, lr=0.1, betas=(0.8, 0.95), eps=1e-6)

@@ -33,6 +33,8 @@ def test_text_windows_predict_the_next_character_and_hold_out_the_tail():
     model = task.build()
     out = model(data.x_val[:2])
     assert out.shape == (2, 64, 63)  # the King James text's 63 symbols
+    first = float(task.loss(out, data.y_val[:2]))
+    assert abs(first - math.log(63)) < 0.2  # GPT-2's initialisation: about a uniform guess at first
     metrics = task.evaluate(model, data)
     assert set(metrics) == {"val_loss", "perplexity"}
     assert math.isclose(metrics["perplexity"], math.exp(min(metrics["val_loss"], 50.0)), rel_tol=1e-9)
