@@ -16,7 +16,11 @@ from gradsparse.baselines import baseline_bucket_cap_mb, baseline_bytes
 from .configs import Config
 from .models import MODELS
 
-__all__ = ["bench_model", "busiest", "formula_bytes", "hook_traffic"]
+__all__ = ["SPLIT", "bench_model", "busiest", "formula_bytes", "hook_traffic"]
+
+#: the hook's own timers (:class:`gradsparse.engine.stats.HookStats`), summed over a step's buckets:
+#: select (bucket in hand to message sent), communicate (sent to the sum's arrival), decode
+SPLIT = ("compress_s", "communicate_s", "decompress_s")
 
 
 def formula_bytes(cfg: Config, model: nn.Module, world: int) -> int:
@@ -61,14 +65,20 @@ def _verdict(identical: bool, one_bucket: bool) -> str:
     return ("replicas identical" if identical else "replicas differ") + (", one bucket" if one_bucket else "")
 
 
+def hook_split(before: Dict[str, float], after: Dict[str, float]) -> List[float]:
+    """Seconds of each of the hook's :data:`SPLIT` timers between two ``stats()``."""
+    return [after[key] - before[key] for key in SPLIT]
+
+
 def _steps(spec: Any, ddp: Any, state: Any, warmup: int, iters: int, interface: Optional[str], counters: Any) -> Any:
-    """Run the steps; per timed step: seconds, hook bytes sent and received, wire bytes;
-    and every step's loss."""
+    """Run the steps; per timed step: seconds, hook bytes sent and received, the hook's
+    stage timers, wire bytes; and every step's loss."""
     rank = dist.get_rank()
     opt = torch.optim.SGD(ddp.module.parameters(), lr=0.01, momentum=0.9)
     times: List[float] = []
     sent: List[float] = []
     received: List[float] = []
+    split: List[List[float]] = []
     wire: List[int] = []
     losses: List[float] = []
     for i in range(warmup + iters):
@@ -90,10 +100,12 @@ def _steps(spec: Any, ddp: Any, state: Any, warmup: int, iters: int, interface: 
         if tx is not None and tx_after is not None:
             wire.append(tx_after - tx)
         if state is not None and before is not None:
-            out, back = hook_traffic(before, state.stats())
+            after = state.stats()
+            out, back = hook_traffic(before, after)
             sent.append(out)
             received.append(back)
-    return times, sent, received, wire, losses
+            split.append(hook_split(before, after))
+    return times, sent, received, split, wire, losses
 
 
 def bench_model(
@@ -109,8 +121,10 @@ def bench_model(
     one_bucket = cfg.method.startswith("powersgd")
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=baseline_bucket_cap_mb(cfg.method, model))
     state = register(cfg, ddp)
-    times, sent, received, wire, losses = _steps(spec, ddp, state, warmup, iters, interface, wire_counters)
-    median = torch.tensor([statistics.median(times), min(times), max(times)], dtype=torch.float64)
+    times, sent, received, split, wire, losses = _steps(spec, ddp, state, warmup, iters, interface, wire_counters)
+    # the slowest rank decides: each statistic's largest value over the ranks
+    stages = [statistics.fmean(column) for column in zip(*split)] if split else [0.0] * len(SPLIT)
+    median = torch.tensor([statistics.median(times), min(times), max(times), *stages], dtype=torch.float64)
     dist.all_reduce(median, op=dist.ReduceOp.MAX)
     identical = _replicas_identical(model) or cfg.method == "noop"  # noop: every rank its own model
     busiest_sent, busiest_received = busiest(sent, received, formula_bytes(cfg, model, world))
@@ -133,7 +147,5 @@ def bench_model(
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "pass_s": 0.0,
-        "compress_s": 0.0,
-        "communicate_s": 0.0,
-        "decompress_s": 0.0,
+        **{key: float(value) for key, value in zip(SPLIT, median[3:])},  # per step, mean of the timed steps
     }

@@ -20,11 +20,9 @@ from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.timing import median_seconds
 
 from .configs import Config
-from .model_step import bench_model, busiest, hook_traffic
+from .model_step import SPLIT, bench_model, busiest, hook_traffic
 
 __all__ = ["bench_one", "worker"]
-
-_SPLIT = ("compress_s", "communicate_s", "decompress_s")
 
 
 def _shape(numel: int) -> Tuple[int, int]:
@@ -152,7 +150,7 @@ def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: O
     """Median and quartiles of the step time, the time split, and bytes per step."""
     _, ddp, state = _make(cfg)
     times: List[float] = []
-    split = dict.fromkeys(_SPLIT, 0.0)
+    split = dict.fromkeys(SPLIT, 0.0)
     sent: List[float] = []
     received: List[float] = []
     wire: List[int] = []

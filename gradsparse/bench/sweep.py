@@ -139,6 +139,7 @@ def enrich(rows: List[Dict[str, Any]]) -> None:
         row["speedup_vs_ddp"] = base["median_s"] / row["median_s"] if base else None
         floor = next((r for r in rows if r["method"] == "noop" and key(r) == key(row)), None)
         row["x_floor"] = row["median_s"] / floor["median_s"] if floor else None
+        row["over_floor_s"] = row["median_s"] - floor["median_s"] if floor else None
         bps = parse_rate(row["rate"]) if row.get("rate") else None
         row["rate_bps"] = bps
         if bps is not None and not row.get("model"):  # a whole model's step is mostly compute

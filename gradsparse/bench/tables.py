@@ -59,6 +59,7 @@ MODEL_HEADER = (
     "method",
     "density",
     "step ms (min-max)",
+    "select / comm / decode / other ms",
     "samples/s",
     "MB sent / recv",
     "wire MB",
@@ -69,6 +70,18 @@ MODEL_HEADER = (
 )
 
 
+def _model_split(r: Dict[str, Any]) -> str:
+    """The hook's stage timers per step (summed over the buckets), and ``other``: the time over
+    the no-communication step that select and decode do not account for (waiting on the
+    wire past the backward pass, DDP's copies, Python); ``-`` without a noop row, and for
+    the rows of runs made before the timers were recorded."""
+    if r["method"] != "sparse" or not r.get("compress_s"):
+        return "-"
+    over = r.get("over_floor_s")
+    other = "-" if over is None else f"{1e3 * (over - r['compress_s'] - r['decompress_s']):.0f}"
+    return f"{1e3 * r['compress_s']:.0f} / {1e3 * r['communicate_s']:.0f} / {1e3 * r['decompress_s']:.0f} / {other}"
+
+
 def _model_cells(r: Dict[str, Any]) -> List[str]:
     return [
         str(r["world"]),
@@ -77,6 +90,7 @@ def _model_cells(r: Dict[str, Any]) -> List[str]:
         r["label"],
         f"{r['density']:g}" if r["method"] == "sparse" else "-",
         f"{1e3 * r['median_s']:.0f} ({1e3 * r['q1_s']:.0f}-{1e3 * r['q3_s']:.0f})",
+        _model_split(r),
         f"{r['samples_per_s']:.1f}",
         _mb(r),
         f"{r['wire_bytes_per_rank'] / 1e6:.2f}" if r.get("wire_bytes_per_rank") else "-",

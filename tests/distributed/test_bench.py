@@ -76,8 +76,15 @@ def test_model_run_times_whole_training_steps(tmp_path):
         assert mine["ddp"]["bytes_per_rank"] == 2 * (2 - 1) * 4 * params // 2  # the ring formula
         assert mine["noop"]["bytes_per_rank"] == 0 and mine["noop"]["x_floor"] == 1.0
         for label in ("topk/allgather", "topk/shared_topk"):  # counted by the hook, 1% plus small tensors
-            assert 0 < mine[label]["bytes_per_rank"] < mine["ddp"]["bytes_per_rank"] / 20
-    assert "samples/s" in (tmp_path / "results.md").read_text()
+            row = mine[label]
+            assert 0 < row["bytes_per_rank"] < mine["ddp"]["bytes_per_rank"] / 20
+            # the hook's own stage timers, per step: each ran, and select and decode fit in the step
+            assert all(row[key] > 0 for key in ("compress_s", "communicate_s", "decompress_s")), row
+            assert row["compress_s"] + row["decompress_s"] < row["median_s"]
+            assert row["over_floor_s"] == row["median_s"] - mine["noop"]["median_s"]
+        assert mine["ddp"]["compress_s"] == 0  # no hook: no stage timers
+    table = (tmp_path / "results.md").read_text()
+    assert "samples/s" in table and "select / comm / decode / other ms" in table
 
 
 def _can_build_namespaces() -> bool:
