@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 #: the fewest steps of SparseAdamW's default warm-up, sent dense (docs/optimizers.md)
 DENSE_STEPS = 50
 #: below this density the warm-up's dense steps are followed by DGC's density ramp, over
-#: twice as many steps (measured at 0.1% and 1%: docs/optimizers.md)
-RAMP_BELOW = 0.01
+#: twice as many steps (measured to pay at 0.1% and 1%, not at 10%: docs/optimizers.md)
+RAMP_BELOW = 0.05
 
 
 class SparseAdamW(torch.optim.Optimizer):

@@ -98,7 +98,7 @@ class HookOnModel:
                     "benchmark's character GPT, +57%% validation loss with top-k at 1%% density. Use "
                     "gradsparse.optim.SparseAdamW (its moments are taken before compression) with the 'sign' "
                     "compressor, which kept that model at dense AdamW's loss (+0.3%%) at about 1.2x top-k 1%%'s "
-                    "bytes; with top-k, SparseAdamW still ends worse (+6%% at 1%%) "
+                    "bytes; with top-k, SparseAdamW still ends worse (+5%% at 1%%) "
                     "(docs/optimizers.md); compare with a dense run on your model",
                     type(opt).__name__,
                 )

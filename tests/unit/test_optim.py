@@ -187,12 +187,15 @@ def test_the_warm_up_resumed_from_a_checkpoint_goes_on_as_it_would_have():
         assert before + _steps(resumed, again, lrs[cut:], first=cut) == expected, cut
 
 
-def test_below_one_percent_the_warm_up_goes_on_with_a_density_ramp_that_is_saved(caplog):
+def test_at_low_density_the_warm_up_goes_on_with_a_density_ramp_that_is_saved(caplog):
     lrs = [min(t + 1, 160 - t) * 1e-3 for t in range(120)]  # dense steps 0-80, as above
     params = [torch.nn.Parameter(torch.zeros(3))]
+    at_10 = gs.SparseHookState(gs.compressors.build("topk", density=0.1))
+    _steps(gs.optim.SparseAdamW(params, hook=at_10), at_10, lrs)
+    assert at_10.options.density_warmup_steps == 0  # 10%: no ramp (measured not to pay)
     at_1 = gs.SparseHookState(gs.compressors.build("topk", density=0.01))
     _steps(gs.optim.SparseAdamW(params, hook=at_1), at_1, lrs)
-    assert at_1.options.density_warmup_steps == 0  # 1%: no ramp (measured not needed)
+    assert (at_1.options.start_step, at_1.options.density_warmup_steps) == (81, 162)
     low = gs.SparseHookState(gs.compressors.build("topk", density=0.001))
     with caplog.at_level("INFO", logger="gradsparse.optim"):
         _steps(gs.optim.SparseAdamW(params, hook=low), low, lrs)
