@@ -237,9 +237,10 @@ class _DenseWarmUp:
         if not hook.compressor.density_based or density is None or density >= RAMP_BELOW:
             return
         hook.dense_start(hook.options.start_step, 2 * hook.options.start_step)
+        first = hook.policy.compressor_at(hook.options.start_step)  # the ramp's first step
         logger.info(
             "SparseAdamW: then the density falls from %g to %g over %d steps",
-            max(hook.options.warmup_initial_density, density), density, hook.options.density_warmup_steps,
+            getattr(first, "density"), density, hook.options.density_warmup_steps,  # noqa: B009 - density-based
         )  # fmt: skip
 
 

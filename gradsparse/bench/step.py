@@ -20,7 +20,7 @@ from gradsparse.comm import ring_allreduce_bytes
 from gradsparse.timing import median_seconds
 
 from .configs import Config
-from .model_step import SPLIT, bench_model, busiest, hook_traffic
+from .model_step import SPLIT, bench_model, busiest, hook_split, hook_traffic
 
 __all__ = ["bench_one", "worker"]
 
@@ -169,8 +169,8 @@ def _time(cfg: Config, grad: torch.Tensor, warmup: int, iters: int, interface: O
             wire.append(tx_after - tx)
         if state is not None and before is not None:
             after = state.stats()
-            for key in split:
-                split[key] += (after[key] - before[key]) / iters
+            for key, seconds in zip(SPLIT, hook_split(before, after)):
+                split[key] += seconds / iters
             out, back = hook_traffic(before, after)
             sent.append(out)
             received.append(back)
