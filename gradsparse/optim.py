@@ -34,15 +34,17 @@ from gradsparse.checks import check_choice, check_int, check_nonnegative, check_
 from gradsparse.ddp import SparseHookState
 from gradsparse.precondition import AdamPreconditioner
 
-__all__ = ["DENSE_STEPS", "RAMP_BELOW", "SparseAdamW"]
+__all__ = ["DENSE_STEPS", "SIGN_STEPS", "SparseAdamW"]
 
 logger = logging.getLogger(__name__)
 
-#: the fewest steps of SparseAdamW's default warm-up, sent dense (docs/optimizers.md)
+#: the fewest steps of SparseAdamW's default warm-up (in signs with top-k, else dense), which
+#: goes on while the learning rate rises (docs/optimizers.md)
 DENSE_STEPS = 50
-#: below this density the warm-up's dense steps are followed by DGC's density ramp, over
-#: twice as many steps (measured to pay at 0.1% and 1%, not at 10%: docs/optimizers.md)
-RAMP_BELOW = 0.05
+#: then, with top-k, this many times as many more steps of signs (about 1.06 bits per
+#: coordinate) before top-k sends (measured against a dense start, DGC's density ramp and
+#: shorter sign warm-ups: docs/optimizers.md)
+SIGN_STEPS = 6
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -67,17 +69,15 @@ class SparseAdamW(torch.optim.Optimizer):
             estimates the averaged gradient's second moment, which AdamW takes, from its own
             moments, without communicating (:mod:`gradsparse.precondition`); ``"local"``:
             each rank's own, noisier by the rank count (the class before; measured worse).
-        dense_steps: Adam's warm-up, where the compressor sends part of the entries (top-k):
-            the hook's first steps go dense, as in 1-bit Adam. None (default): the first
-            :data:`DENSE_STEPS`, then every step while the (first group's) learning rate
-            still rises; an int: that many; 0: none. Below :data:`RAMP_BELOW` DGC's density
-            ramp follows, over twice as many steps. Without it error feedback holds Adam's
-            first, largest steps back for long (docs/optimizers.md). Saved with the state.
+        sign_steps: Adam's warm-up with top-k: the hook's first steps go as ``sign`` sends
+            them (one bit per coordinate). None (default): the first :data:`DENSE_STEPS` and
+            every step while the learning rate rises, then :data:`SIGN_STEPS` times as many
+            more; N: that many; 0: those first steps go dense (as with other compressors).
+        dense_steps: N: the first N steps dense, then ``SIGN_STEPS * N`` of signs; 0: no
+            warm-up. Without one, error feedback holds Adam's first, largest steps back.
 
-    With the hook's DGC momentum correction (``momentum=m``), the first moment is the
-    hook's velocity, where momentum factor masking clears it once sent; the optimizer
-    then keeps none, ``first_moment`` is not used, and the step is scaled by ``1 - m``
-    (the velocity sums ``1 / (1 - m)`` gradients).
+    With the hook's DGC momentum correction (``momentum=m``) the first moment is the hook's
+    velocity (``first_moment`` unused), and the step is scaled by ``1 - m``.
     """
 
     def __init__(
@@ -93,6 +93,7 @@ class SparseAdamW(torch.optim.Optimizer):
         vector_first_moment: bool = False,
         second_moment: str = "averaged",
         dense_steps: Optional[int] = None,
+        sign_steps: Optional[int] = None,
     ) -> None:
         check_nonnegative("lr", lr)
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -105,7 +106,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.first_moment = first_moment
         self.vector_first_moment = bool(vector_first_moment)
         self.second_moment = check_choice("second_moment", second_moment, ("averaged", "local"))
-        self.warm_up = _DenseWarmUp(dense_steps)
+        self.warm_up = _WarmUp(dense_steps, sign_steps)
         #: the first moment is kept by the hook's preconditioner, before compression
         self.local_first_moment = False
         self.hook: Optional[SparseHookState] = None
@@ -196,51 +197,75 @@ class SparseAdamW(torch.optim.Optimizer):
         return loss
 
 
-class _DenseWarmUp:
-    """SparseAdamW's warm-up (its ``dense_steps``): the hook's first steps sent dense."""
+class _WarmUp:
+    """SparseAdamW's warm-up of the hook. With a density-based compressor (top-k) and by
+    default it is all signs: the first :data:`DENSE_STEPS` steps and every step while the
+    learning rate rises, then :data:`SIGN_STEPS` times as many more. Otherwise (or with
+    ``sign_steps=0``) those first steps go dense. ``dense_steps=N`` sends N dense steps and
+    then ``SIGN_STEPS * N`` of signs; ``sign_steps`` sets the signs' count."""
 
-    def __init__(self, steps: Optional[int]) -> None:
+    def __init__(self, steps: Optional[int], signs: Optional[int]) -> None:
         self.steps = None if steps is None else check_int("dense_steps", steps)
+        self.signs = None if signs is None else check_int("sign_steps", signs)
         self.last_lr: Optional[float] = None  # set while the warm-up follows a rising learning rate
+        self.in_signs = False  # whether the part that follows the learning rate is sent as signs
 
     def begin(self, hook: SparseHookState) -> None:
-        first = DENSE_STEPS if self.steps is None else self.steps
-        if not first or hook.compressor.sends_every_entry:
+        if hook.compressor.sends_every_entry:
             return
-        following = self.steps is None
-        hook.dense_start(first)  # a later start_step of the hook's own stays, and is followed on from
-        logger.info(
-            "SparseAdamW: the hook sends the first %d steps dense%s (Adam's warm-up)",
-            hook.options.start_step, ", and then while the learning rate rises" if following else "",
-        )  # fmt: skip
+        signs = self.signs != 0 and hook.compressor.density_based and not hook.options.momentum
+        following = self.steps is None and not (signs and self.signs)  # sign_steps=N: exactly N
+        self.in_signs = following and signs
         self.last_lr = -math.inf if following else None
-        if not following:
-            self._ramp(hook)
+        start = hook.options.start_step  # the hook's own dense steps stay, and are followed on from
+        if self.in_signs:
+            hook.dense_start(start, signs=DENSE_STEPS)
+        elif self.steps is None and not signs:
+            hook.dense_start(DENSE_STEPS)
+        elif self.steps:
+            hook.dense_start(self.steps)
+        how = "as 1-bit signs" if self.in_signs else "dense"
+        first = hook.options.sign_warmup_steps if self.in_signs else hook.options.start_step
+        if first:
+            logger.info(
+                "SparseAdamW: the hook sends the first %d steps %s%s (Adam's warm-up)",
+                first, how, ", and then while the learning rate rises" if following else "",
+            )  # fmt: skip
+        if not following and signs:
+            steps = SIGN_STEPS * hook.options.start_step if self.signs is None else self.signs
+            self._then_signs(hook, steps)
 
     def follow(self, hook: SparseHookState, lr: float) -> None:
-        """After a step at ``lr``: the next step is dense too while ``lr`` still rises (the
-        same decision on every rank)."""
+        """After a step at ``lr``: the next step is in the warm-up too while ``lr`` still
+        rises (the same decision on every rank)."""
         if self.last_lr is None:
             return
+        options = hook.options
         if lr > self.last_lr:
             self.last_lr = lr
-            hook.dense_start(hook.step + 1)
-        elif hook.step >= hook.options.start_step:
+            if self.in_signs:
+                hook.dense_start(options.start_step, signs=max(0, hook.step + 1 - options.start_step))
+            else:
+                hook.dense_start(hook.step + 1)
+        elif hook.step >= options.start_step + options.sign_warmup_steps:
             self.last_lr = None
-            logger.info("SparseAdamW: warm-up over after %d dense steps", hook.options.start_step)
-            self._ramp(hook)
+            if self.in_signs:
+                followed = options.sign_warmup_steps
+                logger.info("SparseAdamW: the learning rate rose for %d steps of signs", followed)
+                self._then_signs(hook, (1 + SIGN_STEPS) * followed)
+            else:
+                logger.info("SparseAdamW: warm-up over after %d dense steps", options.start_step)
 
     @staticmethod
-    def _ramp(hook: SparseHookState) -> None:
-        """Below :data:`RAMP_BELOW`, the density ramp over twice the dense steps."""
-        density = getattr(hook.compressor, "density", None)
-        if not hook.compressor.density_based or density is None or density >= RAMP_BELOW:
+    def _then_signs(hook: SparseHookState, steps: int) -> None:
+        """The sign warm-up after the dense steps, ``steps`` long in all."""
+        if not steps:
             return
-        hook.dense_start(hook.options.start_step, 2 * hook.options.start_step)
-        first = hook.policy.compressor_at(hook.options.start_step)  # the ramp's first step
+        hook.dense_start(hook.options.start_step, signs=steps)
+        start, end = hook.options.start_step, hook.options.start_step + hook.options.sign_warmup_steps
         logger.info(
-            "SparseAdamW: then the density falls from %g to %g over %d steps",
-            getattr(first, "density"), density, hook.options.density_warmup_steps,  # noqa: B009 - density-based
+            "SparseAdamW: the hook sends steps %d to %d as 1-bit signs, and %s from step %d",
+            start, end - 1, hook.compressor.name, end,
         )  # fmt: skip
 
 

@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from gradsparse.ddp import SparseHookState
 from gradsparse.report import mean_std
 from gradsparse.train.tasks import TASKS
 from gradsparse.train.text import CharGPT, encode_text, load_text
@@ -49,7 +50,7 @@ OPTIMIZERS: Dict[str, Tuple[float, float]] = {
     "sparse_adamw_rank_v": _GPT.adamw,
 }  # fmt: skip
 #: config options (``+OPTION=VALUE``) that go to SparseAdamW rather than to the hook
-SPARSE_ADAMW_OPTIONS = ("dense_steps",)
+SPARSE_ADAMW_OPTIONS = ("dense_steps", "sign_steps")
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
 
@@ -76,7 +77,7 @@ class QualityRun:
             raise ValueError(
                 "Expected a config 'dense', 'none' or COMPRESSOR[:DENSITY[:COLLECTIVE]][+OPTION=VALUE...] "
                 "(hook or compressor options such as start_step, density_warmup_steps, momentum, block; "
-                "SparseAdamW's dense_steps), "
+                "SparseAdamW's dense_steps and sign_steps), "
                 f"but got {self.config!r}."
             )
         options: Dict[str, Any] = {"compressor": parts[0]}
@@ -87,7 +88,8 @@ class QualityRun:
         return options
 
     def optimizer_options(self) -> Dict[str, Any]:
-        """The config's ``+OPTION=VALUE`` extras that are SparseAdamW's (``dense_steps``)."""
+        """The config's ``+OPTION=VALUE`` extras that are SparseAdamW's (``dense_steps``,
+        ``sign_steps``)."""
         extras = self._extras(self.config.split("+")[1:])
         return {k: v for k, v in extras.items() if k in SPARSE_ADAMW_OPTIONS}
 
@@ -148,10 +150,10 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     lr = OPTIMIZERS[run.optimizer][0]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(1000 * run.seed + rank)
-    warm_bytes = 0.0  # sent in the warm-up: the dense steps (the hook's start_step) and the density ramp
+    warm_bytes = 0.0  # sent in the warm-up: the dense steps (the hook's start_step), the signs and the ramp
     started = time.perf_counter()
     for step in range(run.steps):
-        if state is not None and step == state.options.start_step + state.options.density_warmup_steps:
+        if state is not None and step == sum(_warm_up(state)):
             warm_bytes = state.stats().get("bytes_sent", 0.0)
         x, y = _batch(train, gen, run.batch, model.context)
         loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
@@ -165,9 +167,8 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
     val_loss, identical = _evaluate(model, val, run.eval_batches, world)
     if rank == 0:
         stats = state.stats() if state is not None else {}
-        warm = state.options.start_step if state is not None else 0
-        ramp = state.options.density_warmup_steps if state is not None else 0
-        measured = "bytes_sent" in stats and run.steps > warm + ramp
+        warm, signs, ramp = _warm_up(state) if state is not None else (0, 0, 0)
+        measured = "bytes_sent" in stats and run.steps > warm + signs + ramp
         dense_bytes = 2 * (world - 1) / world * 4 * sum(p.numel() for p in model.parameters())
         row = {
             **asdict(run),
@@ -175,14 +176,23 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
             "val_loss": val_loss,
             "bytes_per_step": stats.get("bytes_sent", dense_bytes * run.steps) / run.steps,
             "dense_steps": warm,  # sent dense (the hook's start_step), before the bytes below
+            "sign_steps": signs,  # then the sign warm-up (sign_warmup_steps)
             "ramp_steps": ramp,  # then the density ramp (density_warmup_steps)
-            "bytes_after_warmup": (stats["bytes_sent"] - warm_bytes) / (run.steps - warm - ramp) if measured else None,
+            "bytes_after_warmup": (
+                (stats["bytes_sent"] - warm_bytes) / (run.steps - warm - signs - ramp) if measured else None
+            ),
             "identical": identical,
             "seconds": seconds,
         }
         (Path(workdir) / "row.json").write_text(json.dumps(row))
     dist.barrier()
     os._exit(0)  # the row is on disk; teardown can deadlock gloo's thread on the GIL (collectives.md)
+
+
+def _warm_up(state: SparseHookState) -> Tuple[int, int, int]:
+    """The hook's warm-up: (dense steps, then steps of signs, then steps of density ramp)."""
+    options = state.options
+    return options.start_step, options.sign_warmup_steps, options.density_warmup_steps
 
 
 def _evaluate(model: CharGPT, val: torch.Tensor, batches: int, world: int) -> Tuple[float, bool]:
@@ -219,7 +229,7 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     dense = {o: g for (o, c), g in groups.items() if c == "dense"}
     lines = [
         "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes "
-        "| warm-up: dense steps (+ ramp), then bytes/step | replicas |",
+        "| warm-up: dense steps (+ signs, + ramp), then bytes/step | replicas |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (optimizer, config), group in groups.items():
@@ -233,8 +243,9 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
             brel = f"{sent / base[0]['bytes_per_step']:.3f}x"
         same = all(r["identical"] for r in group)
         after = group[0].get("bytes_after_warmup")  # rows measured before it was recorded: unknown
-        ramp = f" + {group[0]['ramp_steps']}" if group[0].get("ramp_steps") else ""
-        warm = f"{group[0]['dense_steps']}{ramp}, {after / 1e3:.1f} kB" if after is not None else "-"
+        signs = f" + {group[0]['sign_steps']} signs" if group[0].get("sign_steps") else ""
+        ramp = f" + {group[0]['ramp_steps']} ramp" if group[0].get("ramp_steps") else ""
+        warm = f"{group[0]['dense_steps']}{signs}{ramp}, {after / 1e3:.1f} kB" if after is not None else "-"
         lines.append(
             f"| {optimizer} | {config} | {shown} | {rel} | {sent / 1e3:.1f} kB | {brel} | {warm} | "
             f"{'identical' if same else 'DIFFER'} |"

@@ -31,6 +31,11 @@ class HookOptions:
             the density falls exponentially from ``warmup_initial_density`` to the
             compressor's own, as in DGC.
         warmup_initial_density: where the density ramp starts.
+        sign_warmup_steps: the sign warm-up: over this many steps after ``start_step``, a
+            density-based compressor's buckets go as the ``sign`` compressor sends them
+            (every coordinate as one bit, a scale per block of 256, error feedback for the
+            rest: about 1.06 bits per coordinate) before the compressor takes over; a density
+            ramp follows it. :class:`gradsparse.optim.SparseAdamW` sets it (docs/optimizers.md).
         scope: ``"bucket"`` or ``"layer"`` (see :data:`SCOPES`).
         log_every: a one-line summary on rank 0 every this many steps (0: never).
         sync_free: the sync-free device route (:mod:`gradsparse.engine.routes.device`):
@@ -46,6 +51,7 @@ class HookOptions:
     start_step: int = 0
     density_warmup_steps: int = 0
     warmup_initial_density: float = 0.25
+    sign_warmup_steps: int = 0
     scope: str = "bucket"
     log_every: int = 0
     sync_free: Optional[bool] = None
@@ -60,6 +66,7 @@ class HookOptions:
         check_int("start_step", self.start_step)
         check_int("density_warmup_steps", self.density_warmup_steps)
         check_density("warmup_initial_density", self.warmup_initial_density)
+        check_int("sign_warmup_steps", self.sign_warmup_steps)
         check_choice("scope", self.scope, SCOPES)
         check_int("log_every", self.log_every)
         if self.sync_free is not None and not isinstance(self.sync_free, bool):
@@ -69,26 +76,33 @@ class HookOptions:
     def names(cls) -> Set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
-    def warmed_up(self, start_step: int, ramp: int, compressor: Compressor) -> HookOptions:
-        """These options with the dense steps (``start_step``) and the density ramp
-        (``density_warmup_steps``, for a density-based ``compressor``) raised to at least
-        these (SparseAdamW's warm-up); the same object where neither moves, so a warm-up
-        step builds one at most."""
+    def warmed_up(self, start_step: int, ramp: int, compressor: Compressor, signs: int = 0) -> HookOptions:
+        """These options with the dense steps (``start_step``), the density ramp
+        (``density_warmup_steps``) and the sign warm-up (``sign_warmup_steps``, both for a
+        density-based ``compressor``) raised to at least these (SparseAdamW's warm-up); the
+        same object where none moves, so a warm-up step builds one at most."""
         start = max(check_int("start_step", start_step), self.start_step)
         ramp = max(check_int("density_warmup_steps", ramp), self.density_warmup_steps)
-        if (start, ramp) == (self.start_step, self.density_warmup_steps):
+        signs = max(check_int("sign_warmup_steps", signs), self.sign_warmup_steps)
+        if (start, ramp, signs) == (self.start_step, self.density_warmup_steps, self.sign_warmup_steps):
             return self
-        options = dataclasses.replace(self, start_step=start, density_warmup_steps=ramp)
+        options = dataclasses.replace(self, start_step=start, density_warmup_steps=ramp, sign_warmup_steps=signs)
         options.check_against(compressor, None)
         return options
 
     def check_against(self, compressor: Compressor, masker: Optional[WeightMasker]) -> None:
         """Refuse combinations of these options with a compressor and a masker that cannot work."""
-        if self.density_warmup_steps and not compressor.density_based:
-            ramped = [n for n in available() if registry.get(n).density_based]
+        for name in ("density_warmup_steps", "sign_warmup_steps"):
+            if getattr(self, name) and not compressor.density_based:
+                ramped = [n for n in available() if registry.get(n).density_based]
+                raise ValueError(
+                    f"Argument `{name}` needs a density-based compressor ({', '.join(ramped)}), "
+                    f"but the compressor is {compressor.name!r}."
+                )
+        if self.sign_warmup_steps and self.momentum:
             raise ValueError(
-                f"Argument `density_warmup_steps` needs a density-based compressor ({', '.join(ramped)}), "
-                f"but the compressor is {compressor.name!r}."
+                f"Argument `sign_warmup_steps` needs `momentum=0`, but got momentum {self.momentum}: the sign "
+                "warm-up sends every coordinate, and DGC's momentum correction clears what was sent."
             )
         if masker is not None and compressor.state_buffers:
             stateless = [n for n in available() if not registry.get(n).state_buffers]

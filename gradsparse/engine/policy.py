@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from gradsparse.comm import AllgatherCollective, Backend, Collective, SparseCost
-from gradsparse.compressors import Compressor, NoCompression, k_for_density
+from gradsparse.compressors import Compressor, NoCompression, ScaledSign, k_for_density
 from gradsparse.masking import WeightMasker
 
 from . import routes
@@ -77,6 +77,7 @@ class Policy:
     ``dense`` route."""
 
     device: Optional[Route] = None  # for policies pickled before the device route existed
+    _signs: Optional[Tuple[Route, Compressor]] = None  # the sign warm-up's, built when first taken
 
     def __init__(
         self,
@@ -111,8 +112,10 @@ class Policy:
         self._mean_counts: Dict[str, float] = {}
 
     def compressor_at(self, step: int) -> Compressor:
-        """The compressor with the density of the ramp at ``step``."""
-        ramp, into = self.options.density_warmup_steps, max(0, step - self.options.start_step)
+        """The compressor with the density of the ramp at ``step`` (the ramp begins after
+        the dense steps and the sign warm-up)."""
+        options = self.options
+        ramp, into = options.density_warmup_steps, max(0, step - options.start_step - options.sign_warmup_steps)
         if not ramp or into >= ramp:
             return self.compressor
         target = float(getattr(self.compressor, "density"))  # noqa: B009 - density-based (checked)
@@ -136,6 +139,9 @@ class Policy:
         work = numel if active is None else active.numel()
         if masked and isinstance(compressor, NoCompression):
             return Decision(self.dense if work else self.route, compressor, True, work, "active values")
+        if work and step < self.options.start_step + self.options.sign_warmup_steps:
+            route, signs = self._sign_warm_up()
+            return Decision(route, signs, masked, work, "sign warm-up")
         budget = k_for_density(getattr(compressor, "density"), work) if compressor.density_based else None  # noqa: B009
         if work and self._link_prefers_dense(compressor, plan.key, work, budget, like.element_size(), backend):
             return Decision(self.dense, compressor, masked, work, "cost model", budget)
@@ -143,6 +149,12 @@ class Policy:
         if self.device is not None and (self.options.sync_free or like.is_cuda):
             chosen = self.device
         return Decision(chosen, compressor, masked, work, chosen.name, budget)
+
+    def _sign_warm_up(self) -> Tuple[Route, Compressor]:
+        """The route and compressor of the sign warm-up (``HookOptions.sign_warmup_steps``)."""
+        if self._signs is None:
+            self._signs = (routes.build("sign"), ScaledSign())
+        return self._signs
 
     def _link_prefers_dense(
         self, compressor: Compressor, key: str, numel: int, budget: Optional[int], itemsize: int, backend: Backend

@@ -28,6 +28,7 @@ def state_dict(hook: SparseHookState) -> Dict[str, Any]:
         "step": hook.step,
         "start_step": hook.options.start_step,  # SparseAdamW's warm-up moves them
         "density_warmup_steps": hook.options.density_warmup_steps,
+        "sign_warmup_steps": hook.options.sign_warmup_steps,
         "error_feedback": hook.feedback.state_dict(),
         **hook.selection.state_dict(),
         "stats": hook.counters.state_dict(),
@@ -47,7 +48,8 @@ def load_state_dict(hook: SparseHookState, state: Dict[str, Any]) -> None:
             f"state_dict was saved with compressor {state['compressor']!r}, this state uses {hook.compressor.name!r}"
         )
     hook.step = int(state["step"])
-    hook.dense_start(int(state.get("start_step", 0)), int(state.get("density_warmup_steps", 0)))
+    warm_up = (state.get(name, 0) for name in ("start_step", "density_warmup_steps", "sign_warmup_steps"))
+    hook.dense_start(*(int(steps) for steps in warm_up))
     hook.feedback.load_state_dict(state["error_feedback"])
     hook.selection.load_state_dict(state)
     saved = state.get("preconditioner")

@@ -32,9 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class SparseHookState:
-    """State of :func:`~gradsparse.sparse_allreduce_hook`. The hook options (``error_feedback``,
-    ``momentum``, ``min_compress_numel``, ``start_step``, ``density_warmup_steps``,
-    ``warmup_initial_density``, ``scope``, ``log_every``, ``sync_free``) are :class:`HookOptions`'s.
+    """State of :func:`~gradsparse.sparse_allreduce_hook`. The keyword arguments not listed
+    below (``error_feedback``, ``momentum``, ``start_step``, ...) are :class:`HookOptions`'s.
 
     Args:
         compressor: a :class:`~gradsparse.compressors.Compressor`, or a registered name
@@ -66,6 +65,7 @@ class SparseHookState:
         start_step: int = 0,
         density_warmup_steps: int = 0,
         warmup_initial_density: float = 0.25,
+        sign_warmup_steps: int = 0,
         scope: str = "bucket",
         named_parameters: Optional[Iterable[Tuple[str, torch.nn.Parameter]]] = None,
         grad_scaler: Optional[Any] = None,
@@ -78,7 +78,8 @@ class SparseHookState:
         self.options = HookOptions(
             error_feedback=error_feedback, momentum=momentum, min_compress_numel=min_compress_numel,
             start_step=start_step, density_warmup_steps=density_warmup_steps,
-            warmup_initial_density=warmup_initial_density, scope=scope, log_every=log_every, sync_free=sync_free,
+            warmup_initial_density=warmup_initial_density, sign_warmup_steps=sign_warmup_steps, scope=scope,
+            log_every=log_every, sync_free=sync_free,
         )  # fmt: skip
         if masker is not None and not isinstance(masker, WeightMasker):
             raise ValueError(f"Expected argument `masker` to be a gradsparse WeightMasker, but got {masker!r}.")
@@ -126,10 +127,10 @@ class SparseHookState:
         self.planner.name_all = True
         self.planner.plans.clear()
 
-    def dense_start(self, steps: int, ramp: int = 0) -> None:
-        """SparseAdamW's warm-up: every bucket dense before step ``steps`` at least, then the
-        density ramp (``density_warmup_steps``) over ``ramp`` steps at least."""
-        self.options = self.policy.options = self.options.warmed_up(steps, ramp, self.compressor)
+    def dense_start(self, steps: int, ramp: int = 0, signs: int = 0) -> None:
+        """SparseAdamW's warm-up: dense before step ``steps``, then ``signs`` steps of the sign
+        warm-up and ``ramp`` of the density ramp, at least (:meth:`HookOptions.warmed_up`)."""
+        self.options = self.policy.options = self.options.warmed_up(steps, ramp, self.compressor, signs)
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the

@@ -96,9 +96,9 @@ class HookOnModel:
                 logger.warning(
                     "gradsparse: %s on sparse gradients ends worse than dense training: on the quality "
                     "benchmark's character GPT, +57%% validation loss with top-k at 1%% density. Use "
-                    "gradsparse.optim.SparseAdamW (its moments are taken before compression) with the 'sign' "
-                    "compressor, which kept that model at dense AdamW's loss (+0.3%%) at about 1.2x top-k 1%%'s "
-                    "bytes; with top-k, SparseAdamW still ends worse (+5%% at 1%%) "
+                    "gradsparse.optim.SparseAdamW (its moments are taken before compression, and with top-k "
+                    "it warms the hook up in 1-bit signs first): with the 'sign' compressor it kept that model "
+                    "at dense AdamW's loss (+0.3%%), with top-k 1%% at +0.6%% "
                     "(docs/optimizers.md); compare with a dense run on your model",
                     type(opt).__name__,
                 )

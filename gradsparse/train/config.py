@@ -29,25 +29,31 @@ class RunConfig:
     error_feedback: bool = True
     baseline: Optional[str] = None
     collective: Optional[str] = None
+    #: with ``--optimizer sparse_adamw``: its warm-up in signs (``+nosigns``: sent dense instead)
+    sign_warm_up: bool = True
 
 
 #: the configurations that are one of PyTorch's own hooks (``powersgd`` takes its rank)
 BASELINE_NAMES = ("noop", "bf16", "fp16", "powersgd")
+#: a configuration's ``+FLAG``s
+FLAGS = ("noef", "nosigns")
 
 
 def parse_config(spec: str) -> RunConfig:
-    """``NAME[:VALUE][@COLLECTIVE][+noef]`` -> RunConfig, validated by building the
+    """``NAME[:VALUE][@COLLECTIVE][+FLAG...]`` -> RunConfig, validated by building the
     compressor. VALUE sets the compressor's budget parameter (density, threshold, alpha);
-    COLLECTIVE overrides ``--collective`` for this configuration. ``dense`` is DDP's own
-    allreduce; ``noop``, ``bf16``, ``fp16`` and ``powersgd[:RANK]`` are PyTorch's hooks."""
+    COLLECTIVE overrides ``--collective`` for this configuration; the flags are ``+noef`` (no
+    error feedback) and ``+nosigns`` (SparseAdamW's warm-up sent dense, not as signs). ``dense``
+    is DDP's own allreduce; ``noop``, ``bf16``, ``fp16`` and ``powersgd[:RANK]`` are PyTorch's hooks."""
     label = spec.strip()
-    body, _, flag = label.partition("+")
-    if flag not in ("", "noef"):
-        raise UsageError(f"configuration {label!r}: unknown flag '+{flag}' (only '+noef' is allowed)")
+    body, *flags = label.split("+")
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise UsageError(f"configuration {label!r}: unknown flag '+{unknown[0]}' (allowed: {', '.join(FLAGS)})")
     body, _, collective = body.partition("@")
     name, _, value = body.partition(":")
     if name == "dense" or name in BASELINE_NAMES:
-        return _baseline(label, name, value, flag or collective)
+        return _baseline(label, name, value, "+".join(flags) or collective)
     if name not in compressors.available():
         raise UsageError(
             f"configuration {label!r}: unknown compressor {name!r}; expected one of "
@@ -70,7 +76,10 @@ def parse_config(spec: str) -> RunConfig:
         compressors.build(name, **params)
     except ValueError as exc:
         raise UsageError(f"configuration {label!r}: {exc}") from None
-    return RunConfig(label, name, params, error_feedback=flag != "noef", collective=collective or None)
+    return RunConfig(
+        label, name, params, error_feedback="noef" not in flags, collective=collective or None,
+        sign_warm_up="nosigns" not in flags,
+    )  # fmt: skip
 
 
 def _baseline(label: str, name: str, value: str, extra: str) -> RunConfig:

@@ -45,7 +45,7 @@ class _Setup:
     clip: float
 
 
-def _optimizer(config: TrainConfig, task: Task, params: Any, state: Optional[SparseHookState]) -> Any:
+def _optimizer(config: TrainConfig, task: Task, run: RunConfig, params: Any, state: Optional[SparseHookState]) -> Any:
     """``--optimizer``: SGD with momentum 0.9, AdamW (betas 0.9, 0.99), or SparseAdamW on
     the sparse hook (AdamW with the same settings where the run has no sparse hook)."""
     lr, decay = getattr(task.defaults, "sgd" if config.optimizer == "sgd" else "adamw")
@@ -54,10 +54,12 @@ def _optimizer(config: TrainConfig, task: Task, params: Any, state: Optional[Spa
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     if config.optimizer == "sparse_adamw" and state is not None:
-        # --dense-steps unset: SparseAdamW's own warm-up (at least 50 steps, and the schedule's)
+        # --dense-steps unset: SparseAdamW's own warm-up (at least 50 steps, and the schedule's,
+        # then 6 x as many more), in signs unless the configuration says +nosigns (then dense)
         return SparseAdamW(
-            params, lr=lr, betas=(0.9, 0.99), weight_decay=decay, hook=state, dense_steps=config.dense_steps
-        )
+            params, lr=lr, betas=(0.9, 0.99), weight_decay=decay, hook=state, dense_steps=config.dense_steps,
+            sign_steps=None if run.sign_warm_up else 0,
+        )  # fmt: skip
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=decay)
 
 
@@ -91,7 +93,7 @@ def _build(config: TrainConfig, task: Task, run: RunConfig, seed: int, n_train: 
         )
     elif run.baseline is not None:
         register_baseline(ddp, run.baseline)
-    optimizer = _optimizer(config, task, ddp.parameters(), state)
+    optimizer = _optimizer(config, task, run, ddp.parameters(), state)
     scheduler = None
     if (config.schedule or task.defaults.schedule) == "onecycle" and total_steps > 2:
         peak = optimizer.param_groups[0]["lr"]

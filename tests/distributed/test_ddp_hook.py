@@ -107,6 +107,7 @@ CONFIGS = [
     ("none", {}),
     ("topk", {"density": 0.01, "scope": "layer", "momentum": 0.9}),
     ("topk", {"density": 0.01, "error_feedback": False, "start_step": 5, "density_warmup_steps": 10}),
+    ("topk", {"density": 0.01, "start_step": 3, "sign_warmup_steps": 10, "density_warmup_steps": 10}),
 ]
 
 
@@ -152,6 +153,7 @@ RESUME_CONFIGS = [
     ("randomk", {"density": 0.05}),
     ("variance", {"alpha": 0.5}),
     ("topk", {"density": 0.02, "momentum": 0.9, "scope": "layer"}),
+    ("topk", {"density": 0.01, "start_step": 2, "sign_warmup_steps": 6}),  # the cut falls in the sign warm-up
 ]
 
 

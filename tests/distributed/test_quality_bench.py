@@ -20,25 +20,30 @@ def text() -> str:
 def test_quality_runs_dense_and_sparse_and_compares_them(text):
     rows = [
         run_quality(QualityRun("adamw", "dense", 6, 4, eval_batches=2), 2, text),
-        run_quality(QualityRun("sparse_adamw", "topk:0.01+dense_steps=2", 12, 4, eval_batches=2), 2, text),
-        run_quality(QualityRun("sparse_adamw", "topk:0.001+dense_steps=2", 12, 4, eval_batches=2), 2, text),
+        run_quality(QualityRun("sparse_adamw", "topk:0.01+dense_steps=2+sign_steps=4", 12, 4, eval_batches=2), 2, text),
+        run_quality(QualityRun("sparse_adamw", "topk:0.001+dense_steps=1", 12, 4, eval_batches=2), 2, text),
     ]
     for row in rows:
         assert row["identical"] and math.isfinite(row["val_loss"])
-    dense, sparse, ramped = rows
-    # SparseAdamW's warm-up: sent dense, then (at 1% and below) a density ramp, then top-k
-    assert (sparse["dense_steps"], sparse["ramp_steps"]) == (ramped["dense_steps"], ramped["ramp_steps"]) == (2, 4)
+    dense, sparse, lower = rows
+    # SparseAdamW's warm-up: sent dense, then as signs (6 times the dense steps unless set), then top-k
+    assert (sparse["dense_steps"], sparse["sign_steps"], sparse["ramp_steps"]) == (2, 4, 0)
+    assert (lower["dense_steps"], lower["sign_steps"], lower["ramp_steps"]) == (1, 6, 0)
     assert sparse["bytes_after_warmup"] < 0.1 * dense["bytes_per_step"] < sparse["bytes_per_step"]
-    assert ramped["bytes_after_warmup"] < sparse["bytes_after_warmup"]
-    assert f"| 2 + 4, {ramped['bytes_after_warmup'] / 1e3:.1f} kB |" in quality_table(rows)
+    assert lower["bytes_after_warmup"] < sparse["bytes_after_warmup"]
+    assert f"| 1 + 6 signs, {lower['bytes_after_warmup'] / 1e3:.1f} kB |" in quality_table(rows)
     other_seed = {**sparse, "seed": 1, "val_loss": sparse["val_loss"] + 0.1}  # the table's grouping of seeds
     table = quality_table([*rows, other_seed])
     mean = sparse["val_loss"] + 0.05
-    assert f"| sparse_adamw | topk:0.01+dense_steps=2 | {mean:.3f} ± " in table and "identical" in table
-    assert f"| 2 + 4, {sparse['bytes_after_warmup'] / 1e3:.1f} kB |" in table
+    assert f"| sparse_adamw | topk:0.01+dense_steps=2+sign_steps=4 | {mean:.3f} ± " in table and "identical" in table
+    assert f"| 2 + 4 signs, {sparse['bytes_after_warmup'] / 1e3:.1f} kB |" in table
+    assert "| 61 + 122 ramp, 91.9 kB |" in quality_table(
+        [{**sparse, "dense_steps": 61, "sign_steps": 0, "ramp_steps": 122, "bytes_after_warmup": 91.9e3}]
+    )
     with pytest.raises(ValueError, match=r"COMPRESSOR\[:DENSITY"):
         QualityRun("adamw", "topk:0.1:allgather:x", steps=1, batch=1).hook()
-    assert QualityRun("sparse_adamw", "topk+dense_steps=3", steps=1, batch=1).optimizer_options() == {"dense_steps": 3}
+    options = QualityRun("sparse_adamw", "topk+dense_steps=3+sign_steps=5", steps=1, batch=1).optimizer_options()
+    assert options == {"dense_steps": 3, "sign_steps": 5}
     assert QualityRun("sparse_adamw", "sign+block=256", steps=1, batch=1).hook() == {
         "compressor": "sign",
         "collective": None,

@@ -138,3 +138,48 @@ def test_options_it_cannot_honour_are_refused():
     assert "`momentum` must be 0" in momentum
     assert "`route` must be 'sign'" in route
     assert "`block`" in block and "got 0" in block
+
+
+def _sign_warm_up_hands_over(rank, world, collective):
+    """A top-k hook with a sign warm-up (SparseAdamW's): step 0 dense, steps 1-2 scaled signs
+    (against the reference written out above), steps 3-4 top-k; error feedback carries
+    across each switch, conserved, and replicas stay identical."""
+    torch.manual_seed(0)
+    model = nn.Linear(300, 40)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = gs.register_sparse_hook(
+        ddp, "topk", density=0.05, collective=collective, min_compress_numel=0, start_step=1, sign_warmup_steps=2
+    )
+    routes = []
+    for step in range(5):
+        x = torch.randn(8, 300, generator=torch.Generator().manual_seed(100 * step + rank))
+        before = state.feedback.residual("weight")
+        before = torch.zeros(model.weight.numel()) if before is None else before.clone()
+        local = nn.Linear(300, 40)
+        local.load_state_dict(model.state_dict())
+        local(x).pow(2).sum().backward()
+        ddp.zero_grad()
+        ddp(x).pow(2).sum().backward()
+        compensated = gather_all(local.weight.grad.reshape(-1) + before)
+        out = model.weight.grad.reshape(-1).double() * world
+        after = state.feedback.residual("weight")
+        kept = sum(a.double() for a in gather_all(after.clone())) if after is not None else 0.0
+        assert_close(out + kept, sum(c.double() for c in compensated), rtol=1e-5, atol=1e-6)  # conserved
+        if step in (1, 2):
+            assert_close(out, sum(_scaled_sign(c, 256) for c in compensated), rtol=4e-3, atol=1e-6)
+        routes.append(
+            "dense"
+            if after is None or not after.any()
+            else "signs"
+            if out.count_nonzero() > 0.5 * out.numel()
+            else "topk"
+        )
+        copies = gather_all(model.weight.grad.reshape(-1))
+        assert all(torch.equal(copies[0], c) for c in copies), "replicas differ"
+    return routes
+
+
+@pytest.mark.parametrize("collective", ["allgather", "shared_topk"])
+def test_a_sign_warm_up_hands_over_to_top_k_and_conserves(collective):
+    for routes in run_distributed(_sign_warm_up_hands_over, 2, collective):
+        assert routes == ["dense", "signs", "signs", "topk", "topk"], routes

@@ -88,7 +88,8 @@ def main() -> None:
         names = sorted(n for n in feedback.names() if not n.startswith("unused."))
         result = {**stats, "history": len(history), "seen": len(seen), "names": names, "idle_residual": idle}
         held = sum(float(feedback.residual(n).abs().sum()) for n in feedback.names())
-        result.update(start_step=sparse.state.options.start_step, held=held)
+        options = sparse.state.options
+        result.update(start_step=options.start_step, sign_warmup_steps=options.sign_warmup_steps, held=held)
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
         result["optimizer"] = type(optimizer).__name__
         if OPTIMIZER == "sparse_adamw":  # built by the Trainer from its arguments, attached at train begin

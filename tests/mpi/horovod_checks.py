@@ -51,6 +51,7 @@ def main() -> None:
     everyone = hvd.allgather(flat.unsqueeze(0))
     assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ"
     check_shared_topk(min_numel)
+    check_sparse_adamw_warm_up(min_numel)
     if hvd.rank() == 0:
         torch.save({"params": flat, "bytes_sent": opt.bytes_sent}, out)
         print("HOROVOD CHECKS PASSED")
@@ -76,6 +77,30 @@ def check_shared_topk(min_numel: int) -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     everyone = hvd.allgather(flat.unsqueeze(0))
     assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ under shared_topk"
+
+
+def check_sparse_adamw_warm_up(min_numel: int) -> None:
+    """SparseAdamW on the Horovod optimizer's hook state, with top-k: its warm-up's dense
+    step and steps of signs (the sign route, over Horovod's allgather), then top-k; replicas
+    stay identical."""
+    from gradsparse.optim import SparseAdamW
+
+    model = make_model(seed=2)
+    inner = SparseAdamW(model.parameters(), lr=1e-3, dense_steps=1, sign_steps=2)
+    opt = DistributedOptimizer(
+        inner, named_parameters=model.named_parameters(), compressor="topk", density=0.05, min_compress_numel=min_numel
+    )
+    inner.attach(opt.hook_state)
+    assert (opt.hook_state.options.start_step, opt.hook_state.options.sign_warmup_steps) == (1, 2)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(5):
+        opt.zero_grad()
+        loss_of(model, hvd.rank(), step).backward()
+        opt.step()
+    assert opt.hook_state.policy._signs is not None, "the sign warm-up was not taken"
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = hvd.allgather(flat.unsqueeze(0))
+    assert all(torch.equal(everyone[0], row) for row in everyone), "Horovod replicas differ under SparseAdamW"
 
 
 if __name__ == "__main__":

@@ -123,106 +123,137 @@ def test_integrations_warn_about_an_adaptive_optimizer_without_the_preconditione
 
 def _steps(opt: gs.optim.SparseAdamW, hook: gs.SparseHookState, lrs: list, first: int = 0) -> list:
     """Optimizer steps at these learning rates, from step ``first``, after the hook counted
-    each step (as the hook does in backward, before the optimizer steps); whether the hook
-    sent each step dense."""
-    dense = []
+    each step (as the hook does in backward, before the optimizer steps); how the hook sent
+    each step: "dense", "signs" (its sign warm-up) or "sparse"."""
+    sent = []
     for t, lr in enumerate(lrs, start=first):
-        dense.append(t < hook.options.start_step)  # the hook's decision for step t
+        options = hook.options  # the hook's decision for step t
+        signs_end = options.start_step + options.sign_warmup_steps
+        sent.append("dense" if t < options.start_step else "signs" if t < signs_end else "sparse")
         for group in opt.param_groups:
             group["lr"] = lr
             for p in group["params"]:
                 p.grad = torch.zeros_like(p)
         hook.step = t + 1
         opt.step()
-    return dense
+    return sent
 
 
-def test_sparse_adamw_warms_up_dense_where_the_compressor_sends_part_of_the_entries(caplog):
+def _warm_up(hook):
+    return hook.options.start_step, hook.options.sign_warmup_steps, hook.options.density_warmup_steps
+
+
+#: a one-cycle-like schedule: the learning rate rises over steps 0-79, then falls
+RISING = [max(min(t + 1, 160 - t), 1) * 1e-3 for t in range(600)]
+
+
+def test_with_top_k_sparse_adamw_warms_the_hook_up_in_signs_that_follow_the_schedule(caplog):
     params = [torch.nn.Parameter(torch.zeros(3))]
     rising = gs.SparseHookState("topk")
     with caplog.at_level("INFO", logger="gradsparse.optim"):
         opt = gs.optim.SparseAdamW(params, hook=rising)
-        assert rising.options.start_step == rising.policy.options.start_step == gs.optim.DENSE_STEPS == 50
-        assert "sends the first 50 steps dense, and then while the learning rate rises" in caplog.text  # announced
-        _steps(opt, rising, [min(t + 1, 160 - t) * 1e-3 for t in range(100)])  # rises over steps 0-79
-    assert rising.options.start_step == rising.policy.options.start_step == 81  # the warm-up, and its peak
-    assert "warm-up over after 81 dense steps" in caplog.text
+        assert _warm_up(rising) == (0, gs.optim.DENSE_STEPS, 0) == (0, 50, 0)
+        assert "sends the first 50 steps as 1-bit signs, and then while the learning rate rises" in caplog.text
+        sent = _steps(opt, rising, RISING)
+    # the schedule's warm-up and its peak (81 steps), then SIGN_STEPS times as many: 7 x 81
+    assert _warm_up(rising) == (0, (1 + gs.optim.SIGN_STEPS) * 81, 0) == (0, 567, 0)
+    assert rising.policy.options.sign_warmup_steps == 567 and sent == ["signs"] * 567 + ["sparse"] * 33
+    assert "the learning rate rose for 81 steps of signs" in caplog.text
+    assert "the hook sends steps 0 to 566 as 1-bit signs, and topk from step 567" in caplog.text
     constant = gs.SparseHookState("topk")
     _steps(gs.optim.SparseAdamW(params, hook=constant), constant, [1e-3] * 100)
-    assert constant.options.start_step == 50  # no schedule's warm-up: the fewest
-    fixed = gs.SparseHookState("topk")
-    _steps(gs.optim.SparseAdamW(params, hook=fixed, dense_steps=20), fixed, [t * 1e-3 for t in range(100)])
-    assert fixed.options.start_step == 20  # that many, whatever the learning rate does
-    later = gs.SparseHookState("sampled_topk", start_step=500)
-    gs.optim.SparseAdamW(params, hook=later, dense_steps=20)
-    assert later.options.start_step == 500  # the hook's own, later start stays
-    own = gs.SparseHookState("topk", start_step=60)  # the hook's own start, and a longer schedule
-    _steps(gs.optim.SparseAdamW(params, hook=own), own, [min(t + 1, 200 - t) * 1e-3 for t in range(120)])
-    assert own.options.start_step == 101  # followed on from the hook's own start
-    off = gs.SparseHookState("topk")
-    _steps(gs.optim.SparseAdamW(params, hook=off, dense_steps=0), off, [t * 1e-3 for t in range(10)])
-    assert off.options.start_step == 0
+    assert _warm_up(constant) == (0, 350, 0)  # no schedule's warm-up: the fewest 50, then 6 x 50
+    exact = gs.SparseHookState("topk")
+    _steps(gs.optim.SparseAdamW(params, hook=exact, sign_steps=30), exact, RISING[:100])
+    assert _warm_up(exact) == (0, 30, 0)  # that many, whatever the learning rate does
+    own = gs.SparseHookState("topk", start_step=60)  # the hook's own dense steps, then the signs
+    _steps(gs.optim.SparseAdamW(params, hook=own), own, RISING[:200])
+    assert _warm_up(own) == (60, 350, 0)  # 50 signs from step 60 outlast the schedule's rise: 7 x 50
     for every_entry in ("sign", "quantize", "none"):  # nothing is held back for long: no warm-up
         state = gs.SparseHookState(every_entry)
         _steps(gs.optim.SparseAdamW(params, hook=state), state, [t * 1e-3 for t in range(10)])
-        assert state.options.start_step == 0
+        assert _warm_up(state) == (0, 0, 0)
 
 
-def test_the_warm_up_resumed_from_a_checkpoint_goes_on_as_it_would_have():
-    lrs = [min(t + 1, 160 - t) * 1e-3 for t in range(120)]  # the learning rate rises over steps 0-79
-    straight = gs.SparseHookState("topk")
-    expected = _steps(gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=straight), straight, lrs)
-    assert expected == [True] * 81 + [False] * 39
-    for cut in (30, 65, 100):  # in the fewest dense steps, in the schedule's warm-up, after it
-        first = gs.SparseHookState("topk")
+def test_where_signs_cannot_or_should_not_be_sent_the_warm_up_is_dense(caplog):
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for hook, kwargs in (
+        (gs.SparseHookState("threshold"), {}),  # no density budget
+        (gs.SparseHookState("topk", momentum=0.9), {}),  # DGC's momentum correction
+        (gs.SparseHookState("topk"), {"sign_steps": 0}),  # asked for none
+    ):
+        with caplog.at_level("INFO", logger="gradsparse.optim"):
+            opt = gs.optim.SparseAdamW(params, hook=hook, **kwargs)
+            assert "sends the first 50 steps dense, and then while the learning rate rises" in caplog.text
+            sent = _steps(opt, hook, RISING[:100])
+        assert _warm_up(hook) == (81, 0, 0) and sent == ["dense"] * 81 + ["sparse"] * 19, kwargs
+        assert "warm-up over after 81 dense steps" in caplog.text
+        caplog.clear()
+    constant = gs.SparseHookState("threshold")
+    _steps(gs.optim.SparseAdamW(params, hook=constant), constant, [1e-3] * 100)
+    assert _warm_up(constant) == (50, 0, 0)
+    fixed = gs.SparseHookState(gs.compressors.build("randomk", density=0.005))
+    _steps(gs.optim.SparseAdamW(params, hook=fixed, dense_steps=20), fixed, RISING[:100])
+    assert _warm_up(fixed) == (20, 120, 0)  # that many dense, then 6 x as many signs
+    chosen = gs.SparseHookState("topk")
+    gs.optim.SparseAdamW(params, hook=chosen, dense_steps=20, sign_steps=7)
+    assert _warm_up(chosen) == (20, 7, 0)
+    later = gs.SparseHookState("sampled_topk", start_step=500)
+    gs.optim.SparseAdamW(params, hook=later, dense_steps=20)
+    assert later.options.start_step == 500  # the hook's own, later start stays
+    off = gs.SparseHookState("topk")
+    _steps(gs.optim.SparseAdamW(params, hook=off, dense_steps=0), off, [t * 1e-3 for t in range(10)])
+    assert _warm_up(off) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("compressor", ["topk", "threshold"])
+def test_the_warm_up_resumed_from_a_checkpoint_goes_on_as_it_would_have(compressor):
+    straight = gs.SparseHookState(compressor)
+    expected = _steps(gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=straight), straight, RISING)
+    if compressor == "topk":
+        assert expected == ["signs"] * 567 + ["sparse"] * 33
+    else:
+        assert expected == ["dense"] * 81 + ["sparse"] * 519
+    for cut in (30, 65, 100, 570):  # in the fewest steps, in the schedule's warm-up, after it, after all
+        first = gs.SparseHookState(compressor)
         opt = gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=first)
-        before = _steps(opt, first, lrs[:cut])
+        before = _steps(opt, first, RISING[:cut])
         saved = io.BytesIO()
         torch.save({"hook": first.state_dict(), "opt": opt.state_dict()}, saved)
         loaded = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
-        again = gs.SparseHookState("topk")
+        again = gs.SparseHookState(compressor)
         resumed = gs.optim.SparseAdamW([torch.nn.Parameter(torch.zeros(3))], hook=again)
         again.load_state_dict(loaded["hook"])
         resumed.load_state_dict(loaded["opt"])
-        assert before + _steps(resumed, again, lrs[cut:], first=cut) == expected, cut
+        assert before + _steps(resumed, again, RISING[cut:], first=cut) == expected, cut
 
 
-def test_at_low_density_the_warm_up_goes_on_with_a_density_ramp_that_is_saved(caplog):
-    lrs = [min(t + 1, 160 - t) * 1e-3 for t in range(120)]  # dense steps 0-80, as above
+def test_the_sign_warm_up_is_saved_and_checked():
     params = [torch.nn.Parameter(torch.zeros(3))]
-    at_10 = gs.SparseHookState(gs.compressors.build("topk", density=0.1))
-    _steps(gs.optim.SparseAdamW(params, hook=at_10), at_10, lrs)
-    assert at_10.options.density_warmup_steps == 0  # 10%: no ramp (measured not to pay)
-    at_1 = gs.SparseHookState(gs.compressors.build("topk", density=0.01))
-    _steps(gs.optim.SparseAdamW(params, hook=at_1), at_1, lrs)
-    assert (at_1.options.start_step, at_1.options.density_warmup_steps) == (81, 162)
-    low = gs.SparseHookState(gs.compressors.build("topk", density=0.001))
-    with caplog.at_level("INFO", logger="gradsparse.optim"):
-        _steps(gs.optim.SparseAdamW(params, hook=low), low, lrs)
-    assert (low.options.start_step, low.options.density_warmup_steps) == (81, 162)
-    assert low.policy.options.density_warmup_steps == 162
-    assert "then the density falls from 0.25 to 0.001 over 162 steps" in caplog.text
-    ramp = [float(low.policy.compressor_at(t).density) for t in (81, 162, 243, 300)]
-    assert ramp[0] == 0.25 and ramp[0] > ramp[1] > ramp[2] == ramp[3] == 0.001
-    fixed = gs.SparseHookState(gs.compressors.build("randomk", density=0.005))
-    gs.optim.SparseAdamW(params, hook=fixed, dense_steps=20)
-    assert (fixed.options.start_step, fixed.options.density_warmup_steps) == (20, 40)
-    own = gs.SparseHookState(gs.compressors.build("topk", density=0.001), density_warmup_steps=500)
-    _steps(gs.optim.SparseAdamW(params, hook=own), own, lrs)
-    assert own.options.density_warmup_steps == 500  # the hook's own, longer ramp stays
-    for everything in (
-        gs.SparseHookState("threshold"),
-        gs.SparseHookState(gs.compressors.build("topk", density=0.001)),
-    ):
-        gs.optim.SparseAdamW(params, hook=everything, dense_steps=0)
-        assert everything.options.density_warmup_steps == 0  # no density budget; no warm-up asked for
+    own = gs.SparseHookState(gs.compressors.build("topk", density=0.001), sign_warmup_steps=900)
+    _steps(gs.optim.SparseAdamW(params, hook=own), own, RISING[:120])
+    assert _warm_up(own) == (0, 900, 0)  # the hook's own, longer sign warm-up stays
     saved = io.BytesIO()
-    torch.save(low.state_dict(), saved)
+    torch.save(own.state_dict(), saved)
     again = gs.SparseHookState(gs.compressors.build("topk", density=0.001))
     again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
-    assert (again.options.start_step, again.policy.options.density_warmup_steps) == (81, 162)
+    assert _warm_up(again) == (0, 900, 0) and again.policy.options.sign_warmup_steps == 900
+    with pytest.raises(ValueError, match="`sign_warmup_steps` needs a density-based compressor"):
+        gs.SparseHookState("threshold").dense_start(10, signs=20)
     with pytest.raises(ValueError, match="`density_warmup_steps` needs a density-based compressor"):
         gs.SparseHookState("threshold").dense_start(10, 20)
+    with pytest.raises(ValueError, match="`sign_warmup_steps` needs `momentum=0`"):
+        gs.SparseHookState("topk", momentum=0.9, sign_warmup_steps=5)
+    with pytest.raises(ValueError, match="`sign_steps`"):
+        gs.optim.SparseAdamW(params, sign_steps=-1)
+
+
+def test_a_density_ramp_begins_after_the_sign_warm_up():
+    hook = gs.SparseHookState(
+        gs.compressors.build("topk", density=0.001), start_step=10, sign_warmup_steps=20, density_warmup_steps=100
+    )
+    densities = [float(hook.policy.compressor_at(t).density) for t in (10, 29, 30, 80, 130, 500)]
+    assert densities[0] == densities[1] == densities[2] == 0.25 > densities[3] > densities[4] == densities[5] == 0.001
 
 
 def test_sparse_adamw_built_without_its_hook_is_attached_once_before_stepping():

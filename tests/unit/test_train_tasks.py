@@ -55,8 +55,10 @@ def test_an_unknown_model_names_the_valid_ones():
         ("powersgd:4", {"baseline": "powersgd4"}),
         ("noop", {"baseline": "noop"}),
         ("topk:0.01@shared_topk", {"compressor": "topk", "collective": "shared_topk", "params": {"density": 0.01}}),
-        ("topk:0.01@auto+noef", {"collective": "auto", "error_feedback": False}),
-        ("topk:0.01", {"collective": None, "baseline": None}),
+        ("topk:0.01@auto+noef", {"collective": "auto", "error_feedback": False, "sign_warm_up": True}),
+        ("topk:0.01+nosigns", {"error_feedback": True, "sign_warm_up": False}),
+        ("topk:0.01+noef+nosigns", {"error_feedback": False, "sign_warm_up": False}),
+        ("topk:0.01", {"collective": None, "baseline": None, "sign_warm_up": True}),
     ],
 )
 def test_compare_configurations_name_baselines_and_collectives(spec, expected):
@@ -70,6 +72,8 @@ def test_compare_configurations_name_baselines_and_collectives(spec, expected):
     "spec,message",
     [
         ("bf16:2", "'bf16' takes no value, collective or flag"),
+        ("bf16+nosigns", "'bf16' takes no value, collective or flag"),
+        ("topk:0.01+signs", "unknown flag '+signs' (allowed: noef, nosigns)"),
         ("powersgd:0", "PowerSGD's rank must be a positive integer, got '0'"),
         ("powersgd:1@allgather", "takes no value, collective or flag"),
         ("topk:0.01@ring", "unknown collective 'ring'; expected one of ["),
