@@ -219,11 +219,11 @@ class _WarmUp:
         self.last_lr = -math.inf if following else None
         start = hook.options.start_step  # the hook's own dense steps stay, and are followed on from
         if self.in_signs:
-            hook.dense_start(start, signs=DENSE_STEPS)
+            hook.warm_up(start, signs=DENSE_STEPS)
         elif self.steps is None and not signs:
-            hook.dense_start(DENSE_STEPS)
+            hook.warm_up(DENSE_STEPS)
         elif self.steps:
-            hook.dense_start(self.steps)
+            hook.warm_up(self.steps)
         how = "as 1-bit signs" if self.in_signs else "dense"
         first = hook.options.sign_warmup_steps if self.in_signs else hook.options.start_step
         if first:
@@ -244,9 +244,9 @@ class _WarmUp:
         if lr > self.last_lr:
             self.last_lr = lr
             if self.in_signs:
-                hook.dense_start(options.start_step, signs=max(0, hook.step + 1 - options.start_step))
+                hook.warm_up(options.start_step, signs=max(0, hook.step + 1 - options.start_step))
             else:
-                hook.dense_start(hook.step + 1)
+                hook.warm_up(hook.step + 1)
         elif hook.step >= options.start_step + options.sign_warmup_steps:
             self.last_lr = None
             if self.in_signs:
@@ -261,7 +261,7 @@ class _WarmUp:
         """The sign warm-up after the dense steps, ``steps`` long in all."""
         if not steps:
             return
-        hook.dense_start(hook.options.start_step, signs=steps)
+        hook.warm_up(hook.options.start_step, signs=steps)
         start, end = hook.options.start_step, hook.options.start_step + hook.options.sign_warmup_steps
         logger.info(
             "SparseAdamW: the hook sends steps %d to %d as 1-bit signs, and %s from step %d",

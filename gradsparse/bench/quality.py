@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,10 +36,12 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from gradsparse.ddp import SparseHookState
 from gradsparse.report import mean_std
 from gradsparse.train.tasks import TASKS
 from gradsparse.train.text import CharGPT, encode_text, load_text
+
+if TYPE_CHECKING:
+    from gradsparse.ddp import SparseHookState
 
 __all__ = ["CLIP", "OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
 

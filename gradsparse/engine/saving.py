@@ -49,7 +49,7 @@ def load_state_dict(hook: SparseHookState, state: Dict[str, Any]) -> None:
         )
     hook.step = int(state["step"])
     warm_up = (state.get(name, 0) for name in ("start_step", "density_warmup_steps", "sign_warmup_steps"))
-    hook.dense_start(*(int(steps) for steps in warm_up))
+    hook.warm_up(*(int(steps) for steps in warm_up))
     hook.feedback.load_state_dict(state["error_feedback"])
     hook.selection.load_state_dict(state)
     saved = state.get("preconditioner")

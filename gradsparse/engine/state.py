@@ -127,10 +127,10 @@ class SparseHookState:
         self.planner.name_all = True
         self.planner.plans.clear()
 
-    def dense_start(self, steps: int, ramp: int = 0, signs: int = 0) -> None:
-        """SparseAdamW's warm-up: dense before step ``steps``, then ``signs`` steps of the sign
+    def warm_up(self, dense: int, ramp: int = 0, signs: int = 0) -> None:
+        """SparseAdamW's warm-up: dense before step ``dense``, then ``signs`` steps of the sign
         warm-up and ``ramp`` of the density ramp, at least (:meth:`HookOptions.warmed_up`)."""
-        self.options = self.policy.options = self.options.warmed_up(steps, ramp, self.compressor, signs)
+        self.options = self.policy.options = self.options.warmed_up(dense, ramp, self.compressor, signs)
 
     def bind(self, ddp: torch.nn.Module) -> None:
         """Serve this DDP model (one per state): attach its parameter names, unless the

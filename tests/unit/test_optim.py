@@ -239,9 +239,9 @@ def test_the_sign_warm_up_is_saved_and_checked():
     again.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
     assert _warm_up(again) == (0, 900, 0) and again.policy.options.sign_warmup_steps == 900
     with pytest.raises(ValueError, match="`sign_warmup_steps` needs a density-based compressor"):
-        gs.SparseHookState("threshold").dense_start(10, signs=20)
+        gs.SparseHookState("threshold").warm_up(10, signs=20)
     with pytest.raises(ValueError, match="`density_warmup_steps` needs a density-based compressor"):
-        gs.SparseHookState("threshold").dense_start(10, 20)
+        gs.SparseHookState("threshold").warm_up(10, 20)
     with pytest.raises(ValueError, match="`sign_warmup_steps` needs `momentum=0`"):
         gs.SparseHookState("topk", momentum=0.9, sign_warmup_steps=5)
     with pytest.raises(ValueError, match="`sign_steps`"):
