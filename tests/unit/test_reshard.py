@@ -139,3 +139,16 @@ def test_the_preconditioners_first_moments_come_from_the_covering_rank_and_load(
     older.load_state_dict(saved_before)
     assert older.preconditioner is not None and older.preconditioner.beta1 == 0.0
     assert older.preconditioner.first_moments == {}
+
+
+def test_the_warm_up_travels_and_loads():
+    """SparseAdamW's warm-up (dense steps, sign warm-up, ramp) is the same on every rank and
+    goes on, after resharding, where it was."""
+    before = _states(2, [5], seed=3)
+    for state in before:
+        state.update(start_step=20, sign_warmup_steps=427, density_warmup_steps=0)
+    for state in gs.reshard_states(before, 3):
+        hook = gs.SparseHookState("topk")
+        hook.load_state_dict(state)
+        assert (hook.options.start_step, hook.options.sign_warmup_steps) == (20, 427)
+        assert hook.policy.options.sign_warmup_steps == 427
