@@ -213,14 +213,14 @@ class _WarmUp:
     def begin(self, hook: SparseHookState) -> None:
         if hook.compressor.sends_every_entry:
             return
-        signs = self.signs != 0 and hook.compressor.density_based and not hook.options.momentum
-        following = self.steps is None and not (signs and self.signs)  # sign_steps=N: exactly N
-        self.in_signs = following and signs
+        can_sign = self.signs != 0 and hook.compressor.density_based and not hook.options.momentum
+        following = self.steps is None and not (can_sign and self.signs)  # sign_steps=N: exactly N
+        self.in_signs = following and can_sign
         self.last_lr = -math.inf if following else None
         start = hook.options.start_step  # the hook's own dense steps stay, and are followed on from
         if self.in_signs:
             hook.warm_up(start, signs=DENSE_STEPS)
-        elif self.steps is None and not signs:
+        elif self.steps is None and not can_sign:
             hook.warm_up(DENSE_STEPS)
         elif self.steps:
             hook.warm_up(self.steps)
@@ -231,7 +231,7 @@ class _WarmUp:
                 "SparseAdamW: the hook sends the first %d steps %s%s (Adam's warm-up)",
                 first, how, ", and then while the learning rate rises" if following else "",
             )  # fmt: skip
-        if not following and signs:
+        if not following and can_sign:
             steps = SIGN_STEPS * hook.options.start_step if self.signs is None else self.signs
             self._then_signs(hook, steps)
 
@@ -247,7 +247,7 @@ class _WarmUp:
                 hook.warm_up(options.start_step, signs=max(0, hook.step + 1 - options.start_step))
             else:
                 hook.warm_up(hook.step + 1)
-        elif hook.step >= options.start_step + options.sign_warmup_steps:
+        elif hook.step >= options.start_step + (options.sign_warmup_steps if self.in_signs else 0):
             self.last_lr = None
             if self.in_signs:
                 followed = options.sign_warmup_steps
