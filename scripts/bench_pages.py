@@ -53,13 +53,15 @@ def command(folder: Path) -> str:
             f"python scripts/profile_step.py --models {_joined([r['model'] for r in rows])} "
             f"--collectives {_joined([r['collective'] for r in rows])} {out}"
         )
-    if rows and "val_loss" in rows[0]:  # gradsparse-bench quality (its default seed: 0)
+    if rows and "val_loss" in rows[0]:  # gradsparse-bench quality (its defaults: seed 0, chargpt, lr warm-up 0.1)
         r = rows[0]
+        model = f"--model {r['model']} " if r.get("model", "chargpt") != "chargpt" else ""
+        warmup = f" --lr-warmup {r['lr_warmup']:g}" if r.get("lr_warmup", 0.1) != 0.1 else ""
         return (
-            f"gradsparse-bench quality --optimizers {_joined([x['optimizer'] for x in rows])} "
+            f"gradsparse-bench quality {model}--optimizers {_joined([x['optimizer'] for x in rows])} "
             f"--configs {_joined([x['optimizer'] + '/' + x['config'] for x in rows])} "
             f"--steps {r['steps']} --batch {r['batch']} "
-            f"--ranks {r['world']}{_seeds_option(rows)} {out}"
+            f"--ranks {r['world']}{_seeds_option(rows)}{warmup} {out}"
         )
     sparse = [r for r in rows if r["method"] == "sparse"]
     parts = ["gradsparse-bench run", f"--world-sizes {_joined([r['world'] for r in rows])}"]

@@ -35,7 +35,7 @@ from gradsparse.train.tasks import OPTIMIZER_NAMES, TASKS
 from .configs import BASELINES
 from .converge import SETTINGS, ConvergeError, converge
 from .models import MODELS, parameter_count
-from .quality import quality_bench
+from .quality import TEXT_MODELS, quality_bench
 from .select import select_bench
 from .sweep import configs_for, enrich, run_group
 from .tables import plots, table
@@ -126,10 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="'dense', 'none' and COMPRESSOR[:DENSITY[:COLLECTIVE]][+OPTION=VALUE...], comma-separated; "
         "OPTIMIZER/CONFIG runs a config for that optimizer only",
     )  # fmt: skip
+    qual.add_argument(
+        "--model", default="chargpt", choices=sorted(TEXT_MODELS),
+        help="chargpt: the character GPT; gpt2: the GPT-2 layout of `run --model gpt2` on BPE tokens of the text",
+    )  # fmt: skip
     qual.add_argument("--steps", type=int, default=600, help="training steps (the same for every run)")
-    qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters per rank and step")
+    qual.add_argument("--batch", type=int, default=16, help="sequences of 64 characters (or tokens) per rank and step")
     qual.add_argument("--ranks", type=int, default=2, help="gloo ranks on this machine")
     qual.add_argument("--seeds", default="0", help="seeds of the model, data order and selection, comma-separated")
+    qual.add_argument(
+        "--lr-warmup", type=float, default=0.1,
+        help="the share of the steps over which the one-cycle schedule raises the learning rate",
+    )  # fmt: skip
     qual.add_argument("--out", default=None, help="write results.jsonl and results.md here")
     _add_converge(sub)
     return parser
@@ -195,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.ranks,
                 args.out,
                 seeds=_seeds(args.seeds),
+                lr_warmup=args.lr_warmup,
+                model=args.model,
             )
         if getattr(args, "delay", None):
             raise ClusterError("this kernel has no netem, so links emulate bandwidth only; drop --delay")

@@ -13,6 +13,11 @@ configuration (``dense``: DDP's own allreduce; ``COMPRESSOR[:DENSITY[:COLLECTIVE
 over fixed held-out batches), its ratio to the same optimizer's dense run, the bytes each
 rank sent per step, and whether the replicas ended identical.
 
+``model="gpt2"`` trains the GPT-2 layout of ``gradsparse-bench run --model gpt2`` (8 blocks,
+width 512, 8 heads, context 64, a 16384-token tied embedding: 33.6M parameters) on the same
+text, tokenized by a byte-level BPE trained on the training part (:func:`encode_bpe`);
+its AdamW runs peak at GPT-2's learning rate, 6e-4. The loss is then in nats per token.
+
 The ``sparse_adamw`` optimizers have no dense run of their own: their ratio is to
 ``adamw``'s dense run, the baseline a user compares against.
 """
@@ -28,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -36,14 +41,18 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from gradsparse.bench.models import GPT
 from gradsparse.report import mean_std
 from gradsparse.train.tasks import TASKS
-from gradsparse.train.text import CharGPT, encode_text, load_text
+from gradsparse.train.text import CharGPT, encode_bpe, encode_text, load_text
 
 if TYPE_CHECKING:
     from gradsparse.ddp import SparseHookState
 
-__all__ = ["CLIP", "OPTIMIZERS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table", "run_quality"]
+__all__ = [
+    "CLIP", "OPTIMIZERS", "TEXT_MODELS", "CharGPT", "QualityRun", "load_text", "quality_bench", "quality_table",
+    "run_quality",
+]  # fmt: skip
 
 _GPT = TASKS["chargpt"].defaults  # the same settings as gradsparse-train --model chargpt
 #: optimizer name -> (peak learning rate, weight decay)
@@ -55,6 +64,13 @@ OPTIMIZERS: Dict[str, Tuple[float, float]] = {
 SPARSE_ADAMW_OPTIONS = ("dense_steps", "sign_steps")
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
+CONTEXT = 64  # tokens per sequence, both models
+#: model name -> (its tokens of the text and their number, the model for that many, AdamW's peak lr if not OPTIMIZERS')
+_Tokens = Tuple[torch.Tensor, int]  # a text's token ids and the vocabulary's size
+TEXT_MODELS: Dict[str, Tuple[Callable[[str], _Tokens], Callable[[int], nn.Module], Optional[float]]] = {
+    "chargpt": (encode_text, CharGPT, None),
+    "gpt2": (encode_bpe, lambda vocab: GPT(vocab=vocab, context=CONTEXT), 6e-4),  # GPT-2's peak lr
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,14 @@ class QualityRun:
     batch: int  # sequences per rank and step
     seed: int = 0
     eval_batches: int = 40
+    lr_warmup: float = 0.1  # the share of the steps over which the one-cycle schedule raises the lr
+    model: str = "chargpt"  # a name in TEXT_MODELS
+
+    def learning_rate(self) -> Tuple[float, float]:
+        """The optimizer's peak learning rate and weight decay for this model."""
+        lr, decay = OPTIMIZERS[self.optimizer]
+        adam_lr = TEXT_MODELS[self.model][2]
+        return (adam_lr if adam_lr is not None and self.optimizer != "sgd" else lr), decay
 
     def hook(self) -> Optional[Dict[str, Any]]:
         if self.config == "dense":
@@ -113,7 +137,7 @@ def _batch(data: torch.Tensor, gen: torch.Generator, n: int, context: int) -> Tu
 
 
 def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimizer:
-    lr, wd = OPTIMIZERS[run.optimizer]
+    lr, wd = run.learning_rate()
     if run.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     if run.optimizer.startswith("sparse_adamw"):
@@ -131,17 +155,17 @@ def _optimizer(run: QualityRun, params: Any, state: Any) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=wd)
 
 
-def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> None:
+def _worker(rank: int, world: int, workdir: str, run: QualityRun, tokens: _Tokens) -> None:
     torch.set_num_threads(1)
     rendezvous, timeout = f"file://{workdir}/rendezvous", datetime.timedelta(seconds=600)
     dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timeout)
     import gradsparse as gs
 
-    data, vocab = encode_text(text)
+    data, vocab = tokens
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
     torch.manual_seed(run.seed)
-    model = CharGPT(vocab)
+    model = TEXT_MODELS[run.model][1](vocab)
     ddp = nn.parallel.DistributedDataParallel(model)
     options = run.hook()
     state = None
@@ -149,15 +173,15 @@ def _worker(rank: int, world: int, workdir: str, run: QualityRun, text: str) -> 
         collective = options.pop("collective")
         state = gs.register_sparse_hook(ddp, **options, **({"collective": collective} if collective else {}))
     opt = _optimizer(run, ddp.parameters(), state)
-    lr = OPTIMIZERS[run.optimizer][0]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=0.1)
+    lr = run.learning_rate()[0]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=run.steps, pct_start=run.lr_warmup)
     gen = torch.Generator().manual_seed(1000 * run.seed + rank)
     warm_bytes = 0.0  # sent in the warm-up: the dense steps (the hook's start_step), the signs and the ramp
     started = time.perf_counter()
     for step in range(run.steps):
         if state is not None and step == sum(_warm_up(state)):
             warm_bytes = state.stats().get("bytes_sent", 0.0)
-        x, y = _batch(train, gen, run.batch, model.context)
+        x, y = _batch(train, gen, run.batch, CONTEXT)
         loss = F.cross_entropy(ddp(x).flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,7 +221,7 @@ def _warm_up(state: SparseHookState) -> Tuple[int, int, int]:
     return options.start_step, options.sign_warmup_steps, options.density_warmup_steps
 
 
-def _evaluate(model: CharGPT, val: torch.Tensor, batches: int, world: int) -> Tuple[float, bool]:
+def _evaluate(model: nn.Module, val: torch.Tensor, batches: int, world: int) -> Tuple[float, bool]:
     """The mean validation loss over fixed held-out batches, and whether every rank's
     parameters are bit-identical."""
     model.eval()
@@ -205,7 +229,7 @@ def _evaluate(model: CharGPT, val: torch.Tensor, batches: int, world: int) -> Tu
     losses = []
     with torch.no_grad():
         for _ in range(batches):
-            x, y = _batch(val, eval_gen, 32, model.context)
+            x, y = _batch(val, eval_gen, 32, CONTEXT)
             losses.append(float(F.cross_entropy(model(x).flatten(0, 1), y.flatten())))
     digest = hashlib.sha256(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().tobytes())
     digests: List[Any] = [None] * world
@@ -213,10 +237,12 @@ def _evaluate(model: CharGPT, val: torch.Tensor, batches: int, world: int) -> Tu
     return sum(losses) / len(losses), len(set(digests)) == 1
 
 
-def run_quality(run: QualityRun, world: int, text: str) -> Dict[str, Any]:
-    """One run on ``world`` spawned gloo ranks; its row."""
+def run_quality(run: QualityRun, world: int, text: str, tokens: Optional[_Tokens] = None) -> Dict[str, Any]:
+    """One run on ``world`` spawned gloo ranks; its row. ``tokens``: the text already
+    tokenized for ``run.model`` (by ``TEXT_MODELS[run.model][0]``), or None to tokenize it here."""
+    tokens = tokens if tokens is not None else TEXT_MODELS[run.model][0](text)
     with tempfile.TemporaryDirectory() as workdir:
-        mp.start_processes(_worker, args=(world, workdir, run, text), nprocs=world, start_method="spawn")
+        mp.start_processes(_worker, args=(world, workdir, run, tokens), nprocs=world, start_method="spawn")
         row: Dict[str, Any] = json.loads((Path(workdir) / "row.json").read_text())
         return row
 
@@ -229,8 +255,9 @@ def quality_table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         groups.setdefault((r["optimizer"], r["config"]), []).append(r)
     dense = {o: g for (o, c), g in groups.items() if c == "dense"}
+    unit = "token" if rows and rows[0].get("model", "chargpt") != "chargpt" else "char"
     lines = [
-        "| optimizer | config | val loss (nats/char) | vs dense | bytes/step per rank | vs dense bytes "
+        f"| optimizer | config | val loss (nats/{unit}) | vs dense | bytes/step per rank | vs dense bytes "
         "| warm-up: dense steps (+ signs, + ramp), then bytes/step | replicas |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -263,7 +290,13 @@ def quality_bench(
     world: int,
     out: Optional[str],
     seeds: Sequence[int] = (0,),
+    lr_warmup: float = 0.1,
+    model: str = "chargpt",
 ) -> int:
+    if not 0 < lr_warmup < 1:
+        raise ValueError(f"lr_warmup must be a fraction of the steps in (0, 1), but got {lr_warmup}")
+    if model not in TEXT_MODELS:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(TEXT_MODELS)}")
     for name in optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; expected some of {sorted(OPTIMIZERS)}")
@@ -273,13 +306,14 @@ def quality_bench(
             only, _, config = c.rpartition("/")  # OPTIMIZER/CONFIG: for that optimizer only
             if (only and only != o) or (o.startswith("sparse_adamw") and config == "dense"):
                 continue
-            runs += [QualityRun(o, config, steps, batch, seed=seed) for seed in seeds]
+            runs += [QualityRun(o, config, steps, batch, seed=seed, lr_warmup=lr_warmup, model=model) for seed in seeds]
     for run in runs:
         run.hook()  # validate every config before the first run
     text = load_text()
+    tokens = TEXT_MODELS[model][0](text)
     rows = []
     for run in runs:
-        row = run_quality(run, world, text)
+        row = run_quality(run, world, text, tokens)
         rows.append(row)
         print(
             f"{run.optimizer:>12} {run.config:<22} seed {run.seed} val loss {row['val_loss']:.4f}  "

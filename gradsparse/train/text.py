@@ -2,7 +2,8 @@
 characters, 63 symbols; nothing downloaded, nothing copied into this repository) and a
 character-level GPT for it (nanoGPT's CPU recipe: 4 layers, width 128, 4 heads, context
 64, about 0.8M parameters). Used by ``gradsparse-train --model chargpt`` and
-``gradsparse-bench quality``."""
+``gradsparse-bench quality``, which also tokenizes the text for the GPT-2 layout
+(:func:`encode_bpe`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CharGPT", "encode_text", "load_text"]
+__all__ = ["CharGPT", "encode_bpe", "encode_text", "load_text"]
 
 
 @functools.lru_cache(maxsize=1)  # read once per process: every run of a comparison uses it
@@ -86,3 +87,23 @@ def encode_text(text: str) -> tuple[torch.Tensor, int]:
     number of symbols."""
     lookup = {c: i for i, c in enumerate(sorted(set(text)))}
     return torch.tensor([lookup[c] for c in text], dtype=torch.int64), len(lookup)
+
+
+def encode_bpe(text: str, vocab: int = 16384, train_share: float = 0.9) -> tuple[torch.Tensor, int]:
+    """The text as GPT-2's kind of tokens: a byte-level BPE (the ``tokenizers`` package that
+    ``transformers`` uses) trained on the first ``train_share`` of the text only, so the
+    held-out tail is never seen, with up to ``vocab`` tokens (merges of pairs seen at least
+    twice). Returns the token ids and ``vocab``: the model's embedding keeps its rows even
+    where the text has fewer tokens (the King James text has 14,615). Deterministic: the same
+    text gives the same ids."""
+    try:
+        from tokenizers import ByteLevelBPETokenizer
+    except ImportError as exc:
+        raise ImportError("the GPT-2 layout's tokenizer needs `tokenizers`: pip install tokenizers") from exc
+    tokenizer = ByteLevelBPETokenizer()
+    train = text[: int(train_share * len(text))]
+    lines = train.splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, vocab_size=vocab, min_frequency=2, show_progress=False)
+    if tokenizer.get_vocab_size() > vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, over vocab={vocab}")
+    return torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64), vocab

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from gradsparse.bench.quality import QualityRun, load_text, quality_table, run_quality
 
@@ -49,3 +50,24 @@ def test_quality_runs_dense_and_sparse_and_compares_them(text):
         "collective": None,
         "block": 256,
     }
+
+
+def test_quality_trains_the_gpt2_layout_on_bpe_tokens(text):
+    from gradsparse.bench.models import parameter_count
+    from gradsparse.bench.quality import TEXT_MODELS
+    from gradsparse.train.text import encode_bpe
+
+    ids, vocab = encode_bpe(text)
+    again, _ = encode_bpe(text)
+    assert vocab == 16384 and torch.equal(ids, again)  # the layout's embedding; the same tokens every time
+    assert int(ids.max()) < vocab and 3 < len(text) / ids.numel() < 6  # a few characters per token
+    run = QualityRun("sparse_adamw", "topk:0.01+sign_steps=1", 3, 1, eval_batches=1, lr_warmup=0.5, model="gpt2")
+    assert run.learning_rate() == (6e-4, 0.1)  # GPT-2's peak learning rate
+    sgd = QualityRun("sgd", "dense", 1, 1)
+    assert QualityRun("sgd", "dense", 1, 1, model="gpt2").learning_rate() == sgd.learning_rate()  # SGD's own
+    row = run_quality(run, 2, text, (ids, vocab))
+    assert row["identical"] and math.isfinite(row["val_loss"]) and row["model"] == "gpt2"
+    dense_bytes = 2 * 0.5 * 4 * parameter_count("gpt2")  # a ring allreduce's, per rank
+    assert row["bytes_after_warmup"] < 0.03 * dense_bytes
+    assert "val loss (nats/token)" in quality_table([row])
+    assert sum(p.numel() for p in TEXT_MODELS["gpt2"][1](vocab).parameters()) == parameter_count("gpt2")
