@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--numel", type=float, default=25e6, help="tensor size in entries")
     sel.add_argument("--density", type=float, default=0.01, help="fraction selected")
     sel.add_argument("--out", default=None, help="also write the timings to this JSON file")
-    qual = sub.add_parser("quality", help="validation loss of a character GPT, dense against sparse")
+    qual = sub.add_parser("quality", help="validation loss of a language model, dense against sparse")
     qual.add_argument(
         "--optimizers",
         default="adamw,sgd,sparse_adamw",
