@@ -65,8 +65,8 @@ SPARSE_ADAMW_OPTIONS = ("dense_steps", "sign_steps")
 #: optimizer name -> the gradient norm it is clipped to (nanoGPT's 1.0; SGD at lr 0.3 diverges without)
 CLIP: Dict[str, float] = {"sgd": _GPT.sgd_clip}
 CONTEXT = 64  # tokens per sequence, both models
-#: model name -> (its tokens of the text and their number, the model for that many, AdamW's peak lr if not OPTIMIZERS')
 _Tokens = Tuple[torch.Tensor, int]  # a text's token ids and the vocabulary's size
+#: model name -> (its tokens of the text and their number, the model for that many, AdamW's peak lr if not OPTIMIZERS')
 TEXT_MODELS: Dict[str, Tuple[Callable[[str], _Tokens], Callable[[int], nn.Module], Optional[float]]] = {
     "chargpt": (encode_text, CharGPT, None),
     "gpt2": (encode_bpe, lambda vocab: GPT(vocab=vocab, context=CONTEXT), 6e-4),  # GPT-2's peak lr
