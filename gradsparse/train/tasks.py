@@ -169,7 +169,7 @@ TASKS: Dict[str, Task] = {
     "mlp": Task("mlp", "digits (8x8)", _digits, lambda: build_digits_model("mlp"), "test_accuracy"),
     "mnist_cnn": Task(
         "mnist_cnn", "MNIST 5k (28x28)", load_mnist_split, _mnist_cnn, "test_accuracy",
-        OptimizerDefaults(sgd=(0.05, 0.0), adamw=(1e-3, 0.01)),
+        OptimizerDefaults(sgd=(0.05, 0.0), adamw=(1e-3, 0.01), schedule="onecycle"),
     ),
     "chargpt": Task(
         "chargpt", "King James text (characters)", _text, _chargpt, "val_loss",
