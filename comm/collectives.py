@@ -72,20 +72,22 @@ class Reduced:
     kept: Optional[torch.Tensor] = None
     counts: Tuple[int, ...] = ()
 
-    def write(self, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def write(self, out: torch.Tensor, scale: float = 1.0, *, zeroed: bool = False) -> torch.Tensor:
         """Write ``scale`` times the sum into the flat ``out`` (``numel`` entries); NaN
         everywhere when any rank reported a non-finite gradient, so that AMP skips the step
         on all ranks. Scaling each contribution as it is added (the hook averages with
         ``scale = 1/P``) saves a pass over ``out``; for power-of-two P it is bit-identical
-        to dividing afterwards."""
+        to dividing afterwards. ``zeroed``: the caller has zeroed ``out`` wherever it will
+        read the sum, so it is not filled again: the sum is added into it."""
         if out.numel() != self.numel:
             raise ValueError(f"output has {out.numel()} entries, the reduction has {self.numel}")
         if self.nonfinite:
             return out.fill_(float("nan"))
         lists = [(p.sparse.indices, p.sparse.values) for p in self.parts if p.sparse is not None]
-        if len(lists) == len(self.parts) and kernels.scatter_sum(out, lists, scale):
+        if len(lists) == len(self.parts) and kernels.scatter_sum(out, lists, scale, zeroed=zeroed):
             return out  # a compiled loop (numba): the same sums in the same order
-        out.zero_()
+        if not zeroed:
+            out.zero_()
         for part in self.parts:
             if part.sparse is not None:
                 if part.sparse.count:

@@ -1,10 +1,11 @@
 """The compensation fused with the scan of the gradient, in one compiled pass (CPU, numba;
 see :func:`gradsparse.kernels.compensate_scan`), and what it hands on.
 
-The gradient is only read: the compensated tensor is written into the residual memory's
-spare buffer, which :meth:`ErrorFeedback.update` (``swap=True``) makes the residual by
-swapping, so that keeping what was not sent costs no copy and a skipped step leaves the
-state exactly as it was. The pass also gathers the entries above the compressor's
+The compensated tensor is written into the residual memory's spare buffer, which
+:meth:`ErrorFeedback.update` (``swap=True``) makes the residual by swapping, so that
+keeping what was not sent costs no copy and a skipped step leaves the state exactly as it
+was. The gradient is only read, or zeroed as it is read when the caller will scatter the
+sum into it (``clear``). The pass also gathers the entries above the compressor's
 candidate floor, so that selection reads only those."""
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ScanResult:
     #: ``compensated`` lies in the spare residual buffer: :meth:`ErrorFeedback.update`
     #: makes it the residual by swapping (pass ``swap=True``)
     in_spare: bool
+    #: the pass zeroed the gradient as it read it (asked with ``clear``, done when
+    #: ``compensated`` lies apart from it, in the spare buffer)
+    cleared: bool = False
 
 
 def can_fuse(feedback: ErrorFeedback, grad: torch.Tensor) -> bool:
@@ -73,14 +77,18 @@ def compensate_scan(
     scratch: Optional[Dict[str, torch.Tensor]] = None,
     *,
     pieces: Optional[Sequence[torch.Tensor]] = None,
+    clear: bool = False,
 ) -> Optional[ScanResult]:
     """:meth:`ErrorFeedback.compensate` fused with the scan of ``grad``. ``idle`` names the
     parameters whose gradient was all zeros: their entries come out zero and their state
     is kept. ``candidates`` holds the ascending indices where the compensated magnitude
     reaches ``floor`` (None without a floor). (With no residual yet, ``compensated`` is
     ``grad`` itself.) ``pieces``: the gradient as one tensor per parameter of ``layout``,
-    wherever they lie (``grad`` then only gives the dtype and device), read and never
-    written; this needs a residual. None when the kernel does not apply
+    wherever they lie (``grad`` then only gives the dtype and device); this needs a
+    residual. ``clear``: zero the gradient (or its pieces) as it is read, where
+    ``compensated`` lies apart from it (a residual is kept; ``ScanResult.cleared`` says
+    whether it was done): a sum can then be scattered into it without a fill. Without
+    ``clear`` the gradient is only read. None when the kernel does not apply
     (:func:`can_fuse`, or ``pieces`` without a residual): nothing was done."""
     if not can_fuse(feedback, grad) or (pieces is not None and feedback.is_zero(layout)):
         return None
@@ -90,7 +98,9 @@ def compensate_scan(
         residual = feedback.memory.flat(layout, grad)
         into = feedback.memory.spare(layout, residual)
     source = grad if pieces is None else pieces
-    found = kernels.compensate_scan(source, residual, [n for _, n in layout], floor, scratch or {}, into=into)
+    cleared = clear and into is not None
+    sizes = [n for _, n in layout]
+    found = kernels.compensate_scan(source, residual, sizes, floor, scratch or {}, into=into, clear=cleared)
     if found is None:
         return None
     compensated = grad if into is None else into
@@ -102,7 +112,7 @@ def compensate_scan(
         if large is not None:
             large = large[(large < start) | (large >= end)]
     candidates = None if large is None or floor is None else Candidates(floor, large)
-    return ScanResult(found.finite, idle, candidates, compensated, in_spare=into is not None)
+    return ScanResult(found.finite, idle, candidates, compensated, in_spare=into is not None, cleared=cleared)
 
 
 def compensate_on_device(

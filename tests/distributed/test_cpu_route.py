@@ -50,7 +50,8 @@ def _exact_in_bucket(rank, world, compressor, collective):
     decode = SparseRoute.decode
 
     def spied(self, state, step, summed):
-        in_bucket.append(step.in_bucket and step.gathered is None)
+        # read in place, and zeroed as read: the sum is scattered into it without a fill
+        in_bucket.append(step.in_bucket and step.gathered is None and step.cleared)
         return decode(self, state, step, summed)
 
     SparseRoute.decode = spied
@@ -92,7 +93,8 @@ def _exact_in_bucket(rank, world, compressor, collective):
 )
 def test_in_bucket_sums_are_exact_and_conserved(world, compressor, collective):
     for in_bucket, exchanges, layouts in run_distributed(_exact_in_bucket, world, compressor, collective):
-        # the first step has no residual yet (the region is gathered); every later one reads in place
+        # the first step has no residual yet (the region is gathered); every later one reads in
+        # place and clears what it read
         assert in_bucket == [False, True, True, True], in_bucket
         if collective == "allgather":  # an exact budget: headers only once per bucket layout, to agree on it
             assert exchanges == layouts == 2, (exchanges, layouts)  # DDP rebuilds its buckets after step 1

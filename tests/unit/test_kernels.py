@@ -71,6 +71,40 @@ def test_compensate_scan_reads_segments_where_they_lie():
         kernels.compensate_scan(pieces, residual, [1000, 0, 37, 5004, 15], None, {}, into=torch.empty_like(flat))
 
 
+@needs_numba
+def test_compensate_scan_clears_the_gradient_it_read_and_nothing_else():
+    """``clear``: the pieces read are zeroed (the entries between them are not), and
+    everything the pass finds is what it finds without clearing."""
+    sizes = [1000, 0, 37, 5003, 16]
+    bucket = _grad(7000, 5)
+    offsets = [5900, 0, 10, 600, 50]
+    residual = _grad(sum(sizes), 6) * 0.5
+    inside = torch.zeros(7000, dtype=torch.bool)
+    for o, n in zip(offsets, sizes):
+        inside[o : o + n] = True
+    for floor in (None, 1.25):
+        cleared, kept = bucket.clone(), bucket.clone()
+        into, expected_into = torch.empty(sum(sizes)), torch.empty(sum(sizes))
+        pieces = [cleared[o : o + n] for o, n in zip(offsets, sizes)]
+        found = kernels.compensate_scan(pieces, residual, sizes, floor, {}, into=into, clear=True)
+        expected = kernels.compensate_scan(
+            [kept[o : o + n] for o, n in zip(offsets, sizes)], residual, sizes, floor, {}, into=expected_into
+        )
+        assert found is not None and expected is not None
+        assert torch.equal(into, expected_into)
+        assert (found.finite, found.nonzero) == (expected.finite, expected.nonzero)
+        assert (found.large is None and floor is None) or torch.equal(found.large, expected.large)
+        assert torch.equal(cleared[inside], torch.zeros(int(inside.sum())))
+        assert torch.equal(cleared[~inside], bucket[~inside])
+        flat = bucket[5900:6900].clone()  # a flat gradient, zeroed in place
+        kernels.compensate_scan(flat, residual[:1000], [1000], floor, {}, into=torch.empty(1000), clear=True)
+        assert not flat.any()
+    flat = bucket[:100].clone()
+    for residual_, into in ((None, torch.empty(100)), (residual[:100], None), (residual[:100], flat)):
+        with pytest.raises(ValueError, match=r"clear=True\) needs a residual and an `into` apart"):
+            kernels.compensate_scan(flat, residual_, [100], None, {}, into=into, clear=True)
+
+
 def test_plan_maps_region_positions_to_the_bucket():
     from gradsparse.engine.plan import BucketPlan
 
@@ -204,6 +238,25 @@ def test_scatter_sum_is_index_add_bit_for_bit(dtype, index_dtype, scale):
     for idx, values in lists:
         expected.index_add_(0, idx, values, alpha=scale)
     assert torch.equal(out, expected)
+
+
+@needs_numba
+def test_scatter_sum_into_zeroed_output_adds_to_what_is_there():
+    """``zeroed``: the caller zeroed what it reads, so nothing is filled: entries no list
+    touches keep their value, and the touched ones get exactly the sum they get otherwise."""
+    n = 1000
+    idx = [torch.tensor([3, 7, 500], dtype=torch.int32), torch.tensor([7, 999], dtype=torch.int32)]
+    lists = [(i, torch.randn(i.numel(), generator=torch.Generator().manual_seed(k))) for k, i in enumerate(idx)]
+    out = torch.full((n,), 5.0)
+    out[[3, 7, 500, 999]] = 0
+    assert kernels.scatter_sum(out, lists, 0.5, zeroed=True)
+    expected = torch.zeros(n)
+    for i, v in lists:
+        expected.index_add_(0, i, v, alpha=0.5)
+    touched = torch.zeros(n, dtype=torch.bool)
+    touched[[3, 7, 500, 999]] = True
+    assert torch.equal(out[touched], expected[touched])
+    assert torch.equal(out[~touched], torch.full((n - 4,), 5.0))
 
 
 @needs_numba

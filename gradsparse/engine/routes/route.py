@@ -72,6 +72,9 @@ class BucketStep:
     #: compensation read the gradients where they lie in the bucket, without gathering the
     #: region; the decode writes the averages there too (the sparse route, on CPU)
     in_bucket: bool = False
+    #: compensation zeroed the compressed gradients in the bucket as it read them (their
+    #: compensated values lie in the spare buffer), so the decode scatters without a fill
+    cleared: bool = False
 
     @property
     def region(self) -> torch.Tensor:

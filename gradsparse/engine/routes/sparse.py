@@ -44,7 +44,11 @@ class SparseRoute(Route):
         Where the compressed parameters do not lie contiguous in the bucket (biases and
         norms between them) and a residual is kept, the pass reads each parameter where it
         lies, and the decode writes the averages there (``step.in_bucket``): the region is
-        never gathered out of the bucket nor scattered back."""
+        never gathered out of the bucket nor scattered back. Where the pass reads the
+        bucket itself (in place, or a region that is a view of it) and writes the
+        compensated values apart, into the spare buffer, it zeroes the gradients as it
+        reads them (``step.cleared``): nothing reads them after the pass, and the decode
+        then scatters the sum into them without filling the bucket first."""
         plan, compressor, feedback = step.plan, step.decision.compressor, state.feedback
         if step.active is not None or not state.options.error_feedback or state.compressor.state_buffers:
             return False
@@ -63,11 +67,14 @@ class SparseRoute(Route):
             like = step.buffer[: plan.numel] if in_bucket else grad
             floor = state.selection.candidate_floor(compressor, plan.key, plan.layout, like, values_at)
         pieces = plan.pieces(step.buffer) if in_bucket else None
-        scan = fused.compensate_scan(feedback, plan.layout, grad, scale, floor, plan.scratch, pieces=pieces)
+        in_place = in_bucket or plan.region_start is not None  # the pass reads the bucket, not a copy
+        scan = fused.compensate_scan(
+            feedback, plan.layout, grad, scale, floor, plan.scratch, pieces=pieces, clear=in_place
+        )  # fmt: skip
         if scan is None:
             return False
         step.idle, step.values, step.in_spare, step.scale = scan.idle, scan.compensated, scan.in_spare, scale
-        step.in_bucket = in_bucket
+        step.in_bucket, step.cleared = in_bucket, scan.cleared
         if not scan.finite or not plan.scan(step.buffer, check_finite=True, compressed=False)[0]:
             step.nonfinite = True
         else:
@@ -131,7 +138,11 @@ class SparseRoute(Route):
                 Message(0, sparse=SparsePayload(plan.in_bucket(part.sparse.indices), part.sparse.values, numel))
                 for part in reduced.parts if part.sparse is not None
             ]  # fmt: skip
-            Reduced(numel, parts=parts, nonfinite=reduced.nonfinite).write(step.buffer, scale=scale)
+            Reduced(numel, parts=parts, nonfinite=reduced.nonfinite).write(
+                step.buffer, scale=scale, zeroed=step.cleared
+            )
             return None
         out = step.region if step.active is None else torch.empty_like(step.values)
-        return reduced.write(out, scale=scale)
+        # zeroed by the pass only where the region is a view of the bucket (a gathered copy may predate it)
+        zeroed = step.cleared and step.active is None and step.plan.region_start is not None
+        return reduced.write(out, scale=scale, zeroed=zeroed)
