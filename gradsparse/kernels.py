@@ -62,6 +62,24 @@ def _scatter_add(out: Any, idx: Any, vals: Any, scale: Any) -> None:  # pragma: 
         out[idx[h]] += scale * vals[h]
 
 
+def _scatter_add_mapped(out: Any, idx: Any, vals: Any, scale: Any, ends: Any, shifts: Any) -> None:  # pragma: no cover
+    # index i of a region lies in the first segment whose end exceeds it, at i + its shift;
+    # indices mostly ascend, so the segment found last is tried first
+    s, last = 0, ends.shape[0] - 1
+    for h in range(idx.shape[0]):
+        i = idx[h]
+        if i >= ends[s] or (s > 0 and i < ends[s - 1]):
+            lo, hi = 0, last
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ends[mid] > i:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            s = lo
+        out[i + shifts[s]] += scale * vals[h]
+
+
 def _compensate_scan_kernel(has_residual: bool, clear: bool = False) -> Callable[..., Tuple[int, bool, bool]]:
     """The fused pass over one parameter's segment: with a residual, ``o = g + r`` (``o``
     may be ``g``); without, ``g`` is only read. ``clear`` (with a residual, ``o`` apart
@@ -125,6 +143,7 @@ def _compiled() -> Optional[Dict[str, Callable[..., Any]]]:
         "compensate_clear": jit(_compensate_scan_kernel(True, clear=True)),
         "scan": jit(_compensate_scan_kernel(False)),
         "scatter": jit(_scatter_add),
+        "scatter_mapped": jit(_scatter_add_mapped),
     }
 
 
@@ -251,16 +270,25 @@ def compensate_scan(
 
 
 def scatter_sum(
-    out: torch.Tensor, lists: Sequence[Tuple[torch.Tensor, torch.Tensor]], scale: float, *, zeroed: bool = False
+    out: torch.Tensor,
+    lists: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    *,
+    zeroed: bool = False,
+    segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> bool:
     """Write ``scale`` times the sum of the sparse ``(indices, values)`` lists into ``out``
     (zeros elsewhere), adding list by list, as ``out.zero_()`` and ``index_add_`` per list
     would; indices int32 or int64, values of ``out``'s dtype, all on the CPU. ``zeroed``:
     ``out`` holds zeros already wherever it matters to the caller, so it is not filled
-    (the sum is added into it). False when the kernel does not apply: nothing was written."""
+    (the sum is added into it). ``segments``: the indices are positions in a region made
+    of consecutive segments that lie elsewhere in ``out`` (int64 ``(ends, shifts)``: each
+    segment's end in the region, and what to add to its positions), mapped as they are
+    added. False when the kernel does not apply: nothing was written."""
     kernels = _compiled()
     if kernels is None or not supports(out):
         return False
+    bound = out.numel() if segments is None else int(segments[0][-1]) if segments[0].numel() else 0
     for i, v in lists:
         if v.dtype != out.dtype or i.dtype not in (torch.int32, torch.int64) or i.device.type != "cpu":
             return False
@@ -268,13 +296,16 @@ def scatter_sum(
             return False
         if i.numel():
             low, high = torch.aminmax(i)  # one read
-            if int(low) < 0 or int(high) >= out.numel():
-                raise IndexError(f"scatter_sum: indices outside [0, {out.numel()})")  # the loop does not check
+            if int(low) < 0 or int(high) >= bound:
+                raise IndexError(f"scatter_sum: indices outside [0, {bound})")  # the loop does not check
     arr = out.numpy()
     if not zeroed:
         out.zero_()
     factor = arr.dtype.type(scale)
     for i, v in lists:
-        if i.numel():
+        if i.numel() and segments is None:
             kernels["scatter"](arr, i.numpy(), v.numpy(), factor)
+        elif i.numel() and segments is not None:
+            ends, shifts = segments[0].numpy(), segments[1].numpy()
+            kernels["scatter_mapped"](arr, i.numpy(), v.numpy(), factor, ends, shifts)
     return True

@@ -151,18 +151,25 @@ class BucketPlan:
         """The compressed parameters where they lie in the bucket, in canonical order (views)."""
         return [buffer[off : off + n] for (_, n), off in zip(self.layout, self.offsets)]
 
+    def region_map(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Where the region lies in the bucket, per compressed parameter: (its end in the
+        region, what to add to its region positions to place them in the bucket), int64
+        on ``device``, made once per plan."""
+        key = f"region_shifts:{device}"
+        if key not in self.scratch:
+            sizes = torch.tensor([n for _, n in self.layout], dtype=torch.int64)
+            ends = sizes.cumsum(0)
+            shifts = torch.tensor(self.offsets, dtype=torch.int64) - (ends - sizes)
+            self.scratch[f"region_ends:{device}"] = ends.to(device)
+            self.scratch[key] = shifts.to(device)
+        return self.scratch[f"region_ends:{device}"], self.scratch[key]
+
     def in_bucket(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions in the region (any integer dtype, each in ``[0, numel)``) as int64
         positions in the bucket."""
-        key = f"region_shifts:{positions.device}"
-        if key not in self.scratch:
-            sizes = [n for _, n in self.layout]
-            ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
-            shifts = torch.tensor(self.offsets, dtype=torch.int64) - (ends - torch.tensor(sizes, dtype=torch.int64))
-            self.scratch[f"region_ends:{positions.device}"] = ends.to(positions.device)
-            self.scratch[key] = shifts.to(positions.device)
-        owners = torch.bucketize(positions, self.scratch[f"region_ends:{positions.device}"], right=True)
-        return positions.long() + self.scratch[key].index_select(0, owners)
+        ends, shifts = self.region_map(positions.device)
+        owners = torch.bucketize(positions, ends, right=True)
+        return positions.long() + shifts.index_select(0, owners)
 
     def scatter(self, buffer: torch.Tensor, region: torch.Tensor) -> None:
         """Write the region back (nothing to do when it is a view of the bucket)."""

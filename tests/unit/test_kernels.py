@@ -260,6 +260,33 @@ def test_scatter_sum_into_zeroed_output_adds_to_what_is_there():
 
 
 @needs_numba
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_scatter_sum_maps_region_positions_into_the_bucket_as_it_adds(index_dtype):
+    """``segments``: the same sums at the same bucket entries as mapping the positions
+    first (``plan.in_bucket``) and adding there, bit for bit, in ascending order or not."""
+    from gradsparse.engine.plan import BucketPlan
+
+    layout = (("a", 500), ("empty", 0), ("b", 300), ("c", 400), ("d", 1))
+    offsets = [900, 0, 0, 450, 1400]  # b first, then (after a bias) c, a, and d last
+    plan = BucketPlan(layout, offsets, None, small=[(300, 150), (850, 50), (1401, 9)], key="a|empty|b|c|d")
+    lists = []
+    for seed, shuffled in ((0, False), (1, True), (2, False)):
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(1201, generator=gen)[:400]
+        idx = idx if shuffled else torch.sort(idx).values
+        idx[:2] = torch.tensor([0, 1200])  # both ends of the region
+        lists.append((idx.to(index_dtype), torch.randn(400, generator=gen)))
+    expected = torch.zeros(1410)
+    for idx, values in lists:
+        expected.index_add_(0, plan.in_bucket(idx), values, alpha=0.5)
+    out = torch.full((1410,), float("nan"))
+    assert kernels.scatter_sum(out, lists, 0.5, segments=plan.region_map(out.device))
+    assert torch.equal(out, expected)
+    with pytest.raises(IndexError, match=r"outside \[0, 1201\)"):
+        kernels.scatter_sum(out, [(torch.tensor([1201]), torch.ones(1))], 1.0, segments=plan.region_map(out.device))
+
+
+@needs_numba
 def test_scatter_sum_refuses_what_it_cannot_do():
     out = torch.zeros(10)
     idx = torch.tensor([1, 2], dtype=torch.int32)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from gradsparse import kernels
 from gradsparse.comm import Message, Reduced
 from gradsparse.error_feedback import fused
 from gradsparse.payload import SparsePayload
@@ -131,18 +132,22 @@ class SparseRoute(Route):
         reduced: Reduced = summed
         scale = 1.0 / state.backend.size  # averaged as it is added
         if step.in_bucket and all(part.sparse is not None for part in reduced.parts):
-            # the sum at the same entries of the bucket: zeros elsewhere, and the parameters
-            # sent dense (all NaN when the sum is) are written over after this
-            plan, numel = step.plan, step.buffer.numel()
-            parts = [
-                Message(0, sparse=SparsePayload(plan.in_bucket(part.sparse.indices), part.sparse.values, numel))
-                for part in reduced.parts if part.sparse is not None
-            ]  # fmt: skip
-            Reduced(numel, parts=parts, nonfinite=reduced.nonfinite).write(
-                step.buffer, scale=scale, zeroed=step.cleared
-            )
+            _write_in_bucket(step, reduced, scale)
             return None
         out = step.region if step.active is None else torch.empty_like(step.values)
         # zeroed by the pass only where the region is a view of the bucket (a gathered copy may predate it)
         zeroed = step.cleared and step.active is None and step.plan.region_start is not None
         return reduced.write(out, scale=scale, zeroed=zeroed)
+
+
+def _write_in_bucket(step: BucketStep, reduced: Reduced, scale: float) -> None:
+    """The sum at the compressed parameters' own entries of the bucket, zeros elsewhere
+    among them; the parameters sent dense (all NaN when the sum is) are written over after
+    this. With numba, region positions are mapped to the bucket as they are added."""
+    plan, numel = step.plan, step.buffer.numel()
+    lists = [(part.sparse.indices, part.sparse.values) for part in reduced.parts if part.sparse is not None]
+    where = plan.region_map(step.buffer.device)
+    if not reduced.nonfinite and kernels.scatter_sum(step.buffer, lists, scale, zeroed=step.cleared, segments=where):
+        return
+    parts = [Message(0, sparse=SparsePayload(plan.in_bucket(i), v, numel)) for i, v in lists]
+    Reduced(numel, parts=parts, nonfinite=reduced.nonfinite).write(step.buffer, scale=scale, zeroed=step.cleared)
