@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from gradsparse import compressors
 from gradsparse.comm import available as available_collectives
@@ -29,27 +29,36 @@ class RunConfig:
     error_feedback: bool = True
     baseline: Optional[str] = None
     collective: Optional[str] = None
-    #: with ``--optimizer sparse_adamw``: its warm-up in signs (``+nosigns``: sent dense instead)
-    sign_warm_up: bool = True
+    #: with ``--optimizer sparse_adamw``: how many steps its warm-up sends as signs; None:
+    #: its own count (``SparseAdamW``'s default), 0: none, the warm-up sent dense instead
+    #: (``+nosigns``), N: exactly N (``+signs=N``)
+    sign_steps: Optional[int] = None
+
+    @property
+    def sign_warm_up(self) -> bool:
+        """Whether SparseAdamW's warm-up is sent as signs (not ``+nosigns``)."""
+        return self.sign_steps != 0
 
 
 #: the configurations that are one of PyTorch's own hooks (``powersgd`` takes its rank)
 BASELINE_NAMES = ("noop", "bf16", "fp16", "powersgd")
-#: a configuration's ``+FLAG``s
-FLAGS = ("noef", "nosigns")
+#: a configuration's ``+FLAG``s (``signs=N`` takes a count)
+FLAGS = ("noef", "nosigns", "signs=N")
 
 
 def parse_config(spec: str) -> RunConfig:
     """``NAME[:VALUE][@COLLECTIVE][+FLAG...]`` -> RunConfig, validated by building the
     compressor. VALUE sets the compressor's budget parameter (density, threshold, alpha);
     COLLECTIVE overrides ``--collective`` for this configuration; the flags are ``+noef`` (no
-    error feedback) and ``+nosigns`` (SparseAdamW's warm-up sent dense, not as signs). ``dense``
+    error feedback), ``+nosigns`` (SparseAdamW's warm-up sent dense, not as signs) and
+    ``+signs=N`` (its warm-up's first N steps sent as signs, then the compressor). ``dense``
     is DDP's own allreduce; ``noop``, ``bf16``, ``fp16`` and ``powersgd[:RANK]`` are PyTorch's hooks."""
     label = spec.strip()
     body, *flags = label.split("+")
-    unknown = [f for f in flags if f not in FLAGS]
+    unknown = [f for f in flags if f not in FLAGS[:2] and not f.startswith("signs=")]
     if unknown:
         raise UsageError(f"configuration {label!r}: unknown flag '+{unknown[0]}' (allowed: {', '.join(FLAGS)})")
+    signs = _sign_steps(label, flags)
     body, _, collective = body.partition("@")
     name, _, value = body.partition(":")
     if name == "dense" or name in BASELINE_NAMES:
@@ -77,9 +86,20 @@ def parse_config(spec: str) -> RunConfig:
     except ValueError as exc:
         raise UsageError(f"configuration {label!r}: {exc}") from None
     return RunConfig(
-        label, name, params, error_feedback="noef" not in flags, collective=collective or None,
-        sign_warm_up="nosigns" not in flags,
+        label, name, params, error_feedback="noef" not in flags, collective=collective or None, sign_steps=signs,
     )  # fmt: skip
+
+
+def _sign_steps(label: str, flags: List[str]) -> Optional[int]:
+    """``+nosigns``: 0; ``+signs=N``: N; neither: None (SparseAdamW's own count)."""
+    counts = [f.partition("=")[2] for f in flags if f.startswith("signs=")]
+    if len(counts) + ("nosigns" in flags) > 1:
+        raise UsageError(f"configuration {label!r}: give one of +nosigns and +signs=N")
+    if not counts:
+        return 0 if "nosigns" in flags else None
+    if not counts[0].isdigit():
+        raise UsageError(f"configuration {label!r}: +signs=N takes a count of steps, got {counts[0]!r}")
+    return int(counts[0])
 
 
 def _baseline(label: str, name: str, value: str, extra: str) -> RunConfig:

