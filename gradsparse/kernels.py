@@ -223,10 +223,10 @@ def compensate_scan(
     entries had an all-zero gradient, and gather the indices where the result reaches
     ``floor``. ``grad`` may also be given as its segments, one tensor each, wherever they
     lie (a DDP bucket's parameters between others): then ``residual`` and ``into`` are
-    required, and ``grad`` is only read unless ``clear``. ``clear``: ``grad`` is zeroed as it is read (it needs
-    ``residual`` and ``into``), so that a sum can be scattered into it without a fill.
-    ``scratch`` keeps the index buffer between calls. None when the kernel does not
-    apply: nothing was done."""
+    required. ``clear``: ``grad`` is zeroed as it is read (it needs ``residual`` and an
+    ``into`` apart from it), so that a sum can be scattered into it without a fill;
+    otherwise it is only read. ``scratch`` keeps the index buffer between calls. None when
+    the kernel does not apply: nothing was done."""
     if clear and not _clearable(grad, residual, into):
         raise ValueError("compensate_scan(clear=True) needs a residual and an `into` apart from the gradient")
     kernels = _compiled()
