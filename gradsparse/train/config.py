@@ -34,11 +34,6 @@ class RunConfig:
     #: (``+nosigns``), N: exactly N (``+signs=N``)
     sign_steps: Optional[int] = None
 
-    @property
-    def sign_warm_up(self) -> bool:
-        """Whether SparseAdamW's warm-up is sent as signs (not ``+nosigns``)."""
-        return self.sign_steps != 0
-
 
 #: the configurations that are one of PyTorch's own hooks (``powersgd`` takes its rank)
 BASELINE_NAMES = ("noop", "bf16", "fp16", "powersgd")
@@ -55,7 +50,7 @@ def parse_config(spec: str) -> RunConfig:
     is DDP's own allreduce; ``noop``, ``bf16``, ``fp16`` and ``powersgd[:RANK]`` are PyTorch's hooks."""
     label = spec.strip()
     body, *flags = label.split("+")
-    unknown = [f for f in flags if f not in FLAGS[:2] and not f.startswith("signs=")]
+    unknown = [f for f in flags if f not in FLAGS and not f.startswith("signs=")]
     if unknown:
         raise UsageError(f"configuration {label!r}: unknown flag '+{unknown[0]}' (allowed: {', '.join(FLAGS)})")
     signs = _sign_steps(label, flags)

@@ -55,12 +55,12 @@ def test_an_unknown_model_names_the_valid_ones():
         ("powersgd:4", {"baseline": "powersgd4"}),
         ("noop", {"baseline": "noop"}),
         ("topk:0.01@shared_topk", {"compressor": "topk", "collective": "shared_topk", "params": {"density": 0.01}}),
-        ("topk:0.01@auto+noef", {"collective": "auto", "error_feedback": False, "sign_warm_up": True}),
-        ("topk:0.01+nosigns", {"error_feedback": True, "sign_warm_up": False, "sign_steps": 0}),
-        ("topk:0.01+noef+nosigns", {"error_feedback": False, "sign_warm_up": False}),
-        ("topk:0.01", {"collective": None, "baseline": None, "sign_warm_up": True, "sign_steps": None}),
-        ("topk:0.01+signs=100", {"sign_warm_up": True, "sign_steps": 100}),
-        ("topk:0.01@shared_topk+signs=0", {"sign_warm_up": False, "sign_steps": 0}),
+        ("topk:0.01@auto+noef", {"collective": "auto", "error_feedback": False, "sign_steps": None}),
+        ("topk:0.01+nosigns", {"error_feedback": True, "sign_steps": 0}),
+        ("topk:0.01+noef+nosigns", {"error_feedback": False, "sign_steps": 0}),
+        ("topk:0.01", {"collective": None, "baseline": None, "sign_steps": None}),
+        ("topk:0.01+signs=100", {"sign_steps": 100}),
+        ("topk:0.01@shared_topk+signs=0", {"collective": "shared_topk", "sign_steps": 0}),
     ],
 )
 def test_compare_configurations_name_baselines_and_collectives(spec, expected):

@@ -136,7 +136,7 @@ class SparseRoute(Route):
             return None
         out = step.region if step.active is None else torch.empty_like(step.values)
         # zeroed by the pass only where the region is a view of the bucket (a gathered copy may predate it)
-        zeroed = step.cleared and step.active is None and step.plan.region_start is not None
+        zeroed = step.cleared and step.plan.region_start is not None
         return reduced.write(out, scale=scale, zeroed=zeroed)
 
 
