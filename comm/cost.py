@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from gradsparse.checks import check_int, check_nonnegative
 from gradsparse.timing import median_seconds
 
 from .backend import Backend, ring_allreduce_bytes
@@ -50,10 +51,21 @@ class LinkModel:
         return nbytes / self.memory_Bps
 
 
-def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int = 5) -> LinkModel:
+def measure_link(
+    backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int = 5, probe_seconds: float = 0.01
+) -> LinkModel:
     """Measure latency and bandwidth with a short allgather probe, and memory bandwidth
     with one read+write pass over 64 MB (all ranks at once, so shared cores show); every
-    rank adopts the most pessimistic figures. The probe's bytes are accounted."""
+    rank adopts the most pessimistic figures. The probe's bytes are accounted.
+
+    The bandwidth probe starts at 64 KiB and grows until one allgather spends at least
+    ``probe_seconds`` per peer beyond the latency, or reaches ``probe_bytes``: long enough
+    that latency does not blur the bandwidth, short on a slow link (a fixed 4 MiB probe
+    took 7 s over 130 Mbit/s on 4 ranks). Every rank takes each size decision from the
+    slowest rank's timings, so all send the same sizes."""
+    check_int("probe_bytes", probe_bytes, minimum=1)
+    check_int("repeats", repeats, minimum=1)
+    check_nonnegative("probe_seconds", probe_seconds)
     p = backend.size
     x = torch.randn(1 << 24)  # 64 MB: far beyond the caches, or the memory looks free
     buf = torch.empty_like(x)
@@ -62,13 +74,18 @@ def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int =
     if p == 1:
         return LinkModel(0.0, math.inf, memory)
     tiny = torch.zeros(1, dtype=torch.int64)
-    big = torch.zeros(probe_bytes, dtype=torch.uint8)
     for _ in range(2):
         backend.allgather(tiny).wait()
-        backend.allgather(big).wait()
-    latency = median_seconds(lambda: backend.allgather(tiny).wait(), 3 * repeats) / (p - 1)
-    per_step = median_seconds(lambda: backend.allgather(big).wait(), repeats) / (p - 1)
-    bandwidth = probe_bytes / max(per_step - latency, 1e-9)
+    latency = _slowest(backend, _allgather_seconds(backend, tiny, 3 * repeats))
+    size = min(_FIRST_PROBE_BYTES, probe_bytes)
+    while True:
+        per_step = _slowest(backend, _allgather_seconds(backend, torch.zeros(size, dtype=torch.uint8), repeats))
+        moving = max(per_step - latency, 0.0)  # agreed figures: the same decision on every rank
+        if moving >= probe_seconds or size >= probe_bytes:
+            break
+        grow = math.ceil(probe_seconds / max(moving, 1e-9))
+        size = min(probe_bytes, size * min(max(grow, 2), 64))
+    bandwidth = size / max(per_step - latency, 1e-9)
     mine = torch.tensor([int(latency * 1e9), int(bandwidth), int(memory)], dtype=torch.int64)
     table = backend.allgather_control(mine)
     return LinkModel(
@@ -76,6 +93,21 @@ def measure_link(backend: Backend, *, probe_bytes: int = 1 << 22, repeats: int =
         bandwidth_Bps=float(table[:, 1].min()),
         memory_Bps=float(table[:, 2].min()),
     )
+
+
+#: the bandwidth probe's first message size (:func:`measure_link`)
+_FIRST_PROBE_BYTES = 1 << 16
+
+
+def _allgather_seconds(backend: Backend, message: torch.Tensor, repeats: int) -> float:
+    """The median seconds of an allgather of ``message``, per peer."""
+    return median_seconds(lambda: backend.allgather(message).wait(), repeats) / (backend.size - 1)
+
+
+def _slowest(backend: Backend, seconds: float) -> float:
+    """The largest of every rank's ``seconds`` (a blocking control allgather)."""
+    mine = torch.tensor([int(seconds * 1e9)], dtype=torch.int64)
+    return float(backend.allgather_control(mine).max()) / 1e9
 
 
 def _message_bytes(count: int, span: int, itemsize: int) -> int:

@@ -230,3 +230,37 @@ def test_link_probe_gives_every_rank_the_same_model():
     assert models[0] == models[1]  # agreed through an allgather: the most pessimistic figures
     latency, bandwidth, memory = models[0]
     assert 0 < latency < 1 and bandwidth > 1e6 and memory > 1e8
+
+
+def _probe_sizes(rank, world):
+    from gradsparse.comm.auto import measure_link
+
+    backend, models, sent = TorchDistBackend(), [], []
+    for seconds in (0.0, 1e3):  # stop at the first size; grow to probe_bytes
+        before = backend.stats.bytes_sent
+        model = measure_link(backend, probe_bytes=1 << 20, repeats=3, probe_seconds=seconds)
+        models.append((model.latency_s, model.bandwidth_Bps, model.memory_Bps))
+        sent.append(backend.stats.bytes_sent - before)
+    return models, sent
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_link_probe_grows_its_message_until_it_takes_long_enough(world):
+    results = run_distributed(_probe_sizes, world)
+    models, sent = results[0]
+    assert all(r[0] == models for r in results)  # every rank took the same size decisions
+    calls = 3 + 1  # the timed repeats and median_seconds' warm-up
+    tiny = 8 * (2 + 3 * 3 + 1)
+    # probe_seconds=0: only the first 64 KiB message; otherwise it grows to the 1 MiB cap
+    assert sent[0] == (world - 1) * (calls * (1 << 16) + tiny)
+    assert sent[1] > (world - 1) * calls * (1 << 20)
+    for latency, bandwidth, memory in models:
+        assert 0 < latency < 1 and bandwidth > 1e6 and memory > 1e8
+
+
+def test_link_probe_rejects_bad_arguments():
+    from gradsparse.comm.auto import measure_link
+
+    for name, bad in [("probe_bytes", 0), ("repeats", 0), ("probe_seconds", -1.0)]:
+        with pytest.raises(ValueError, match=name):
+            measure_link(None, **{name: bad})  # validated before the backend is used
