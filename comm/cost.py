@@ -70,9 +70,10 @@ def measure_link(
     x = torch.randn(1 << 24)  # 64 MB: far beyond the caches, or the memory looks free
     buf = torch.empty_like(x)
     torch.abs(x, out=buf)
-    memory = 2 * x.nbytes / median_seconds(lambda: torch.abs(x, out=buf), repeats)
+    pass_s = median_seconds(lambda: torch.abs(x, out=buf), repeats)
     if p == 1:
-        return LinkModel(0.0, math.inf, memory)
+        return LinkModel(0.0, math.inf, 2 * x.nbytes / pass_s)
+    memory = 2 * x.nbytes / _slowest(backend, pass_s)
     tiny = torch.zeros(1, dtype=torch.int64)
     for _ in range(2):
         backend.allgather(tiny).wait()
@@ -85,14 +86,8 @@ def measure_link(
             break
         grow = math.ceil(probe_seconds / max(moving, 1e-9))
         size = min(probe_bytes, size * min(max(grow, 2), 64))
-    bandwidth = size / max(per_step - latency, 1e-9)
-    mine = torch.tensor([int(latency * 1e9), int(bandwidth), int(memory)], dtype=torch.int64)
-    table = backend.allgather_control(mine)
-    return LinkModel(
-        latency_s=float(table[:, 0].max()) / 1e9,
-        bandwidth_Bps=float(table[:, 1].min()),
-        memory_Bps=float(table[:, 2].min()),
-    )
+    # every figure is the slowest rank's already, so every rank builds the same model
+    return LinkModel(latency_s=latency, bandwidth_Bps=size / max(moving, 1e-9), memory_Bps=memory)
 
 
 #: the bandwidth probe's first message size (:func:`measure_link`)
